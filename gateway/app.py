@@ -1,0 +1,290 @@
+"""The composition root: `create_app` builds every service, wires the routes and middleware.
+
+One middleware gives each request its `x-request-id`, turns `GatewayError`s (and aiohttp's own
+HTTP errors) into the contract's JSON, counts each answer once in the metrics and writes the
+request's one access-log line. The upstream `ClientSession`, the store, the usage writer and
+the store monitor open and close in `cleanup_ctx`. With `admin_listen` set, `/metrics` moves to
+the admin app (`create_admin_app`); `/healthz` and `/readyz` answer on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.config import Settings
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InvalidApiKey,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    error_body,
+)
+from gateway.keys import KeyService
+from gateway.metrics import Metrics
+from gateway.proxy import chat_completions
+from gateway.ratelimit import Limiter
+from gateway.state import EXCHANGE, STATE, AppState, Exchange
+from gateway.store import Store, open_store
+from gateway.upstream import build_pools
+from gateway.usage import UsageRecord, UsageWriter
+
+log = structlog.get_logger("liutong.gateway")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def request_id_for(request: web.Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return "req_" + os.urandom(12).hex()
+
+
+def _json(status: int, payload: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    ex = Exchange(request_id_for(request))
+    request[EXCHANGE] = ex
+    response: web.StreamResponse | None = None
+    try:
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            response = _error_response(state, ex, exc)
+        except web.HTTPException as exc:
+            response = _http_error_response(exc)
+        except asyncio.CancelledError:
+            ex.status = 499
+            raise
+        except Exception:
+            log.exception("unhandled_error", request_id=ex.request_id)
+            response = web.Response(
+                status=500,
+                body=error_body("The gateway failed to handle the request.", "server_error"),
+                content_type="application/json",
+            )
+        if not response.prepared:
+            response.headers["x-request-id"] = ex.request_id
+            for name, value in ex.ratelimit_headers.items():
+                response.headers.setdefault(name, value)
+        ex.status = ex.status if response.prepared and ex.status else response.status
+        return response
+    finally:
+        _account(state, request, ex)
+
+
+def _error_response(state: AppState, ex: Exchange, exc: GatewayError) -> web.Response:
+    ex.error_code = exc.code or exc.type
+    headers = dict(exc.headers)
+    if isinstance(exc, RateLimited):
+        model = state.metrics.label(ex.model or "")
+        state.metrics.ratelimited.labels(model, exc.limit).inc()
+        state.metrics.ratelimited_scope.labels(exc.scope, exc.limit).inc()
+    if isinstance(exc, InvalidApiKey):
+        headers["WWW-Authenticate"] = "Bearer"
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=headers)
+
+
+def _http_error_response(exc: web.HTTPException) -> web.Response:
+    if exc.status == 405:
+        err: GatewayError = MethodNotAllowed("This route does not accept that method.")
+        headers = {"Allow": exc.headers.get("Allow", "")}
+    elif exc.status == 404:
+        err, headers = NotFound("No such route."), {}
+    elif exc.status == 413:
+        err, headers = BodyTooLarge("The request body is too large."), {}
+    else:
+        body = error_body(exc.reason or "Bad request.", "invalid_request_error")
+        return web.Response(status=exc.status, body=body, content_type="application/json")
+    return web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
+
+
+def _account(state: AppState, request: web.Request, ex: Exchange) -> None:
+    """Count the answer once and write the access-log line (no key, no body, ever)."""
+    if not request.path.startswith("/v1/"):
+        return
+    elapsed = time.perf_counter() - ex.started
+    model = ex.model or ""
+    state.metrics.request_done(model, ex.status, ex.stream, elapsed)
+    if ex.forwarded_at is not None:
+        overhead = ex.forwarded_at - ex.started
+        if ex.upstream_done_at is not None and not ex.stream:
+            overhead += time.perf_counter() - ex.upstream_done_at
+        state.metrics.overhead.observe(overhead)
+    log.info(
+        "request",
+        request_id=ex.request_id,
+        method=request.method,
+        path=request.path,
+        status=ex.status,
+        key_id=ex.key_id,
+        org=ex.org,
+        model=state.metrics.label(model) if model else None,
+        stream=ex.stream,
+        duration_ms=round(elapsed * 1000, 3),
+        upstream_ms=round((ex.upstream_done_at - ex.forwarded_at) * 1000, 3)
+        if ex.upstream_done_at is not None and ex.forwarded_at is not None
+        else None,
+        prompt_tokens=ex.prompt_tokens,
+        completion_tokens=ex.completion_tokens,
+        usage_source=ex.usage_source,
+        error=ex.error_code,
+    )
+
+
+# --- small routes ---------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    reasons = []
+    if state.draining:
+        reasons.append("draining")
+    if not state.store_ok and state.settings.store_outage_policy == "fail_closed":
+        reasons.append("store_unavailable")
+    if not any(pool.healthy() for pool in state.pools.values()):
+        reasons.append("no_healthy_upstream")
+    if reasons:
+        return _json(503, {"status": "unavailable", "reasons": reasons})
+    return _json(200, {"status": "ready", "store": "up" if state.store_ok else "degraded"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.metrics.usage_pending.set(state.usage.pending)
+    state.metrics.draining.set(1 if state.draining else 0)
+    return web.Response(body=state.metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    record = await state.auth.authenticate(request.headers.get("Authorization"))
+    request[EXCHANGE].key_id = record.key_id
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": "liutong"}
+        for model in state.pools
+        if record.allows_model(model)
+    ]
+    return _json(200, {"object": "list", "data": data})
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+async def _monitor_store(state: AppState, interval: float = 0.25) -> None:
+    """Keep `store_ok` (and `/readyz`) within a second of the store's real state."""
+    while True:
+        try:
+            await asyncio.wait_for(state.store.redis.ping(), timeout=state.settings.store_timeout)
+            ok = True
+        except Exception:
+            ok = False
+        if ok != state.store_ok:
+            log.warning("store_state_changed", up=ok)
+        state.store_ok = ok
+        state.metrics.store_up.set(1 if ok else 0)
+        for name, pool in state.pools.items():
+            now = state.clock()
+            for upstream in pool.upstreams:
+                state.metrics.upstream_healthy.labels(name, upstream.root).set(1 if upstream.available(now) else 0)
+        await asyncio.sleep(interval)
+
+
+def _lifecycle(state: AppState) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+        state.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, read_bufsize=2**16, skip_auto_headers=("User-Agent",)
+        )
+        if state.store.embedded:
+            log.warning(
+                "embedded_store",
+                message="No redis_url configured: keys, limits and usage live in this process only, "
+                "are not shared with other replicas and are lost on restart.",
+            )
+        try:
+            await state.store.load_scripts()
+        except Exception as exc:  # the store may come up later; EVALSHA reloads them then
+            log.warning("store_unreachable_at_start", error=type(exc).__name__)
+        state.usage.start()
+        monitor = asyncio.get_running_loop().create_task(_monitor_store(state), name="store-monitor")
+        try:
+            yield
+        finally:
+            monitor.cancel()
+            await state.usage.close()
+            await state.session.close()
+            await state.store.close()
+
+    return lifecycle
+
+
+def build_state(settings: Settings, *, store: Store | None = None, clock: Callable[[], float] | None = None) -> AppState:
+    clock = clock or time.monotonic
+    store = store or open_store(
+        settings.redis_url, timeout=settings.store_timeout, max_connections=settings.store_max_connections
+    )
+    metrics = Metrics(settings.models)
+    keys = KeyService(store.redis)
+
+    def tokens_written(record: UsageRecord) -> None:
+        model = metrics.label(record.model)
+        metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
+        metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
+
+    return AppState(
+        settings=settings,
+        store=store,
+        keys=keys,
+        auth=Authenticator(keys, clock, ttl=settings.key_cache_ttl, stale_ttl=settings.key_cache_stale_ttl),
+        limiter=Limiter(store, lease_seconds=settings.concurrency_lease_seconds),
+        usage=UsageWriter(store, on_written=tokens_written),
+        metrics=metrics,
+        pools=build_pools(settings.models, clock),
+        clock=clock,
+    )
+
+
+def create_app(settings: Settings, *, store: Store | None = None, clock: Callable[[], float] | None = None) -> web.Application:
+    state = build_state(settings, store=store, clock=clock)
+    app = web.Application(middlewares=[exchange_middleware], client_max_size=settings.max_body_bytes)
+    app[STATE] = state
+    app.cleanup_ctx.append(_lifecycle(state))
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if settings.admin_listen is None:
+        app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def create_admin_app(main: web.Application) -> web.Application:
+    """The admin listener's app: `/metrics` (and later `/admin/`), plus the health routes."""
+    admin = web.Application(middlewares=[exchange_middleware])
+    admin[STATE] = main[STATE]
+    admin.router.add_get("/metrics", metrics_handler)
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    return admin

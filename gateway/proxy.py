@@ -1,0 +1,323 @@
+"""`POST /v1/chat/completions`: authenticate → validate → limit → forward → settle.
+
+The handler reads like the request's story. Whatever happens after admission (a JSON answer,
+a stream relayed event by event, an upstream failure, the client going away and cancelling
+the handler), its `finally` hands one settlement to the usage writer: the tpm reconciliation,
+the release of the concurrency lease and, when the request reached an upstream, its usage
+record. Record statuses: the HTTP status sent, except 499 when the client went away and
+502/504 when the upstream broke or stalled after a stream had begun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import ClientConnectorError, ClientError, ClientTimeout, web
+from multidict import CIMultiDict
+
+from gateway.errors import (
+    BodyTooLarge,
+    Draining,
+    ModelNotFound,
+    UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
+from gateway.ratelimit import Grant
+from gateway.sse import SSERelay
+from gateway.state import EXCHANGE, STATE, AppState, Exchange
+from gateway.upstream import Pool, Upstream
+from gateway.usage import Settlement, UsageRecord
+from gateway.validation import ChatRequest, parse_chat_request, upstream_body
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus what the gateway sets itself or must never forward.
+_NOT_FORWARDED = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "transfer-encoding", "upgrade", "host", "content-length", "authorization", "cookie",
+    "accept-encoding", "expect", "x-request-id", "content-type",
+))  # fmt: skip
+_NOT_RETURNED = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server",
+    "set-cookie", "x-request-id",
+))  # fmt: skip
+_NO_TIMEOUT = ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def upstream_headers(request: web.Request, request_id: str, api_key: str | None) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in _NOT_FORWARDED or lower in connection_tokens:
+            continue
+        headers.add(name, value)
+    headers["Content-Type"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
+    headers["x-request-id"] = request_id
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def _returned_headers(upstream: Any, extra: dict[str, str]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    connection_tokens = {t.strip().lower() for t in upstream.headers.get("Connection", "").split(",")}
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower in _NOT_RETURNED or lower in connection_tokens or lower.startswith("x-ratelimit-"):
+            continue
+        headers.add(name, value)
+    headers.update(extra)
+    return headers
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    ex = request[EXCHANGE]
+    if state.draining:
+        raise Draining("The gateway is shutting down; retry on another replica.")
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and not _is_json(content_type):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type!r}.")
+    if request.content_length is not None and request.content_length > state.settings.max_body_bytes:
+        raise BodyTooLarge(f"The request body exceeds {state.settings.max_body_bytes} bytes.")
+
+    record = await state.auth.authenticate(request.headers.get("Authorization"))
+    ex.key_id, ex.org = record.key_id, record.org
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"The request body exceeds {state.settings.max_body_bytes} bytes.") from None
+    chat = parse_chat_request(raw)
+    ex.stream = chat.stream
+    pool = state.pools.get(chat.model)
+    if pool is None or not record.allows_model(chat.model):
+        raise ModelNotFound(f"The model `{chat.model}` does not exist or you do not have access to it.")
+    ex.model = chat.model
+
+    plan = await state.plan_for(record)
+    completion_allowance = (chat.max_tokens or state.settings.default_max_tokens) * chat.n
+    reserve = state.limiter.reservation(plan, chat.prompt_estimate + completion_allowance, chat.max_tokens is not None)
+    try:
+        grant = await state.limiter.acquire(plan, ex.request_id, reserve)
+    except Exception:
+        ex.limited = True
+        raise
+    ex.ratelimit_headers = grant.headers
+    return await _forward(request, state, ex, chat, raw, pool, grant)
+
+
+async def _forward(
+    request: web.Request, state: AppState, ex: Exchange, chat: ChatRequest, raw: bytes, pool: Pool, grant: Grant
+) -> web.StreamResponse:
+    upstream = pool.pick()
+    route = pool.route
+    timeouts = route.timeouts
+    metrics = state.metrics
+    inflight = metrics.inflight.labels(chat.model)
+    inflight.inc()
+    state.inflight += 1
+    reached = False  # the upstream got the request (a usage record is due)
+    relay: SSERelay | None = None
+    usage: dict[str, Any] | None = None
+    json_estimate: int | None = None  # completion tokens counted in a JSON answer without usage
+    record_status = 0
+    upstream_response = None
+    ex.forwarded_at = forwarded_at = time.perf_counter()
+    try:
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                upstream_response = await state.session.post(
+                    upstream.url,
+                    data=upstream_body(raw, chat),
+                    headers=upstream_headers(request, ex.request_id, route.api_key),
+                    timeout=ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect),
+                    allow_redirects=False,
+                )
+        except ClientConnectorError:
+            _upstream_failed(state, pool, upstream, chat.model, "connect")
+            raise UpstreamError("The upstream model server refused the connection.") from None
+        except TimeoutError:
+            reached = True
+            _upstream_failed(state, pool, upstream, chat.model, "timeout")
+            raise UpstreamTimeout("The upstream model server did not answer in time.") from None
+        except ClientError:
+            reached = True
+            _upstream_failed(state, pool, upstream, chat.model, "connection")
+            raise UpstreamError("The upstream model server broke the connection.") from None
+        reached = True
+        metrics.ttft.labels(chat.model).observe(time.perf_counter() - forwarded_at)
+        if upstream_response.status >= 500:
+            _upstream_failed(state, pool, upstream, chat.model, f"status_{upstream_response.status}")
+        else:
+            pool.succeeded(upstream)
+        is_sse = upstream_response.content_type == "text/event-stream"
+        if chat.stream and upstream_response.status == 200 and is_sse:
+            relay = SSERelay(hide_usage=not chat.wants_usage)
+            record_status = await _relay_stream(request, state, ex, chat, upstream_response, relay)
+            usage = relay.usage
+            ex.status = 200
+            return ex.response  # type: ignore[return-value]
+        try:
+            async with asyncio.timeout(max(0.0, timeouts.total - (time.perf_counter() - forwarded_at))):
+                payload = await upstream_response.read()
+        except TimeoutError:
+            _upstream_failed(state, pool, upstream, chat.model, "timeout")
+            raise UpstreamTimeout("The upstream model server did not finish in time.") from None
+        except ClientError:
+            _upstream_failed(state, pool, upstream, chat.model, "connection")
+            raise UpstreamError("The upstream model server broke the connection.") from None
+        ex.upstream_done_at = time.perf_counter()
+        if upstream_response.status == 200:
+            usage, json_estimate = _json_usage(payload)
+        record_status = upstream_response.status
+        headers = _returned_headers(upstream_response, grant.headers)
+        return web.Response(status=upstream_response.status, body=payload, headers=headers)
+    except asyncio.CancelledError:
+        record_status = 499
+        raise
+    except Exception as exc:
+        if not record_status:
+            record_status = getattr(exc, "status", 500)
+        raise
+    finally:
+        if upstream_response is not None:
+            upstream_response.close()
+        inflight.dec()
+        state.inflight -= 1
+        _settle(state, ex, chat, grant, reached, record_status or 500, usage, relay, json_estimate)
+
+
+async def _relay_stream(
+    request: web.Request, state: AppState, ex: Exchange, chat: ChatRequest, upstream_response: Any, relay: SSERelay
+) -> int:
+    """Relay the upstream's events to the client as they arrive; the status to record."""
+    headers = _returned_headers(upstream_response, ex.ratelimit_headers)
+    headers["Cache-Control"] = "no-cache"
+    headers["x-request-id"] = ex.request_id
+    response = web.StreamResponse(status=200, headers=headers)
+    ex.response = response
+    await response.prepare(request)
+    timeouts = state.pools[chat.model].route.timeouts
+    loop = asyncio.get_running_loop()
+    read = upstream_response.content.readany
+    failure: tuple[str, str, int] | None = None
+    async with asyncio.timeout(None) as deadline:
+        try:
+            first = True
+            while True:
+                deadline.reschedule(loop.time() + (timeouts.first_byte if first else timeouts.idle))
+                chunk = await read()
+                deadline.reschedule(None)
+                if not chunk:
+                    break
+                first = False
+                out = relay.feed(chunk)
+                if out:
+                    await response.write(out)
+            rest = relay.rest()
+            if rest:
+                await response.write(rest)
+            if not relay.done:
+                failure = ("upstream_error", "The upstream ended the stream before [DONE].", 502)
+        except TimeoutError:
+            failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
+        except ClientError as exc:
+            if isinstance(exc, ConnectionResetError):  # the client went away while we wrote
+                return 499
+            failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
+        except ConnectionResetError:
+            return 499
+    if failure is not None:
+        code, message, status = failure
+        state.metrics.upstream_errors.labels(chat.model, "stream_cut" if status == 502 else "idle_timeout").inc()
+    try:
+        if failure is not None:
+            await response.write(b"data: " + error_body(message, "upstream_error", None, code) + b"\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        return 499
+    ex.upstream_done_at = time.perf_counter()
+    return failure[2] if failure else 200
+
+
+def _json_usage(payload: bytes) -> tuple[dict[str, Any] | None, int | None]:
+    """The upstream's usage block, and ⌈characters / 4⌉ of the replies for when it has none."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        return usage, None
+    chars = 0
+    for choice in body.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+    return None, (chars + 3) // 4
+
+
+def _upstream_failed(state: AppState, pool: Pool, upstream: Upstream, model: str, reason: str) -> None:
+    pool.failed(upstream)
+    state.metrics.upstream_errors.labels(model, reason).inc()
+
+
+def _count(usage: dict[str, Any], name: str) -> int | None:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _settle(
+    state: AppState,
+    ex: Exchange,
+    chat: ChatRequest,
+    grant: Grant,
+    reached: bool,
+    status: int,
+    usage: dict[str, Any] | None,
+    relay: SSERelay | None,
+    json_estimate: int | None,
+) -> None:
+    prompt = completion = None
+    if usage is not None:
+        prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+    if prompt is not None and completion is not None:
+        source = "upstream"
+    elif relay is not None and relay.events:
+        source, prompt, completion = "estimated", chat.prompt_estimate, relay.content_events
+    elif json_estimate is not None:
+        source, prompt, completion = "estimated", chat.prompt_estimate, json_estimate
+    else:  # nothing came back: nothing generated that anyone received
+        source, prompt, completion = "estimated", 0, 0
+    ex.prompt_tokens, ex.completion_tokens, ex.usage_source = prompt, completion, source
+    keys, args = state.limiter.finish_call(grant, prompt + completion)
+    record = None
+    if reached:
+        record = UsageRecord(
+            request_id=ex.request_id,
+            key_id=ex.key_id or "",
+            org=ex.org,
+            model=chat.model,
+            status=status,
+            stream=chat.stream,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            usage_source=source,
+            started_at=ex.started_wall,
+            duration_ms=int((time.perf_counter() - ex.started) * 1000),
+        )
+    state.usage.submit(Settlement(keys, args, record))

@@ -1,0 +1,164 @@
+"""Token-bucket limits on requests, tokens and concurrency, shared through the store.
+
+`Limiter.acquire` admits a request with one EVALSHA of `acquire.lua`: the key's rpm and tpm
+buckets (and its org's, when the org has limits) are all checked before any is debited, and a
+concurrency lease is taken in the same step. The tpm buckets are debited an estimate; `finish`
+(run in the usage writer's pipeline, see `usage.py`) refunds or charges the difference to the
+real usage and releases the lease. Capacity is the per-minute figure, refilled continuously.
+The `x-ratelimit-*` headers report the tighter of the key's and the org's buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from gateway import store as names
+from gateway.config import Limits
+from gateway.errors import RateLimited, StoreUnavailable
+from gateway.keys import KeyRecord
+from gateway.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class OrgLimits:
+    rpm: int = 0
+    tpm: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    redis_key: str
+    kind: str  # "requests" or "tokens"
+    scope: str  # "key" or "org"
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The buckets and the concurrency limit that apply to one key."""
+
+    buckets: tuple[Bucket, ...]
+    concurrency_key: str
+    max_concurrent: int
+
+    def tokens_capacity(self) -> int | None:
+        caps = [b.capacity for b in self.buckets if b.kind == "tokens"]
+        return min(caps) if caps else None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An admitted request: what was reserved, and the headers to send."""
+
+    plan: Plan
+    member: str
+    reserved_tokens: int
+    headers: dict[str, str]
+
+
+def plan_for(record: KeyRecord, defaults: Limits, org: OrgLimits | None) -> Plan:
+    rpm = defaults.rpm if record.rpm is None else record.rpm
+    tpm = defaults.tpm if record.tpm is None else record.tpm
+    conc = defaults.max_concurrent if record.max_concurrent is None else record.max_concurrent
+    tag = names.limit_tag(record.key_id, record.org)
+    buckets = []
+    if rpm:
+        buckets.append(Bucket(names.key_bucket(tag, record.key_id, "rpm"), "requests", "key", rpm))
+    if tpm:
+        buckets.append(Bucket(names.key_bucket(tag, record.key_id, "tpm"), "tokens", "key", tpm))
+    if org and record.org:
+        if org.rpm:
+            buckets.append(Bucket(names.org_bucket(tag, record.org, "rpm"), "requests", "org", org.rpm))
+        if org.tpm:
+            buckets.append(Bucket(names.org_bucket(tag, record.org, "tpm"), "tokens", "org", org.tpm))
+    return Plan(tuple(buckets), names.concurrency_set(tag, record.key_id), conc)
+
+
+def format_duration(ms: int) -> str:
+    """OpenAI's reset format: `120ms`, `1s`, `6m0s`, `1h2m3s`."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = math.ceil(ms / 1000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _headers(plan: Plan, reply: list[int]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    chosen: dict[str, tuple[int, int, int]] = {}
+    for i, bucket in enumerate(plan.buckets):
+        level, reset_ms = int(reply[4 + 2 * i]), int(reply[5 + 2 * i])
+        best = chosen.get(bucket.kind)
+        if best is None or level < best[1]:
+            chosen[bucket.kind] = (bucket.capacity, level, reset_ms)
+    for kind, (capacity, level, reset_ms) in chosen.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(capacity)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(level)
+        headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset_ms)
+    return headers
+
+
+class Limiter:
+    def __init__(self, store: Store, *, lease_seconds: float) -> None:
+        self._store = store
+        self._lease_ms = int(lease_seconds * 1000)
+
+    def reservation(self, plan: Plan, estimate: int, explicit_max: bool) -> int:
+        """Tokens to reserve. An estimate that only exceeds the bucket because of the default
+        completion allowance is capped to the capacity; an explicit `max_tokens` is not."""
+        capacity = plan.tokens_capacity()
+        if capacity is not None and not explicit_max:
+            return min(estimate, capacity)
+        return estimate
+
+    async def acquire(self, plan: Plan, member: str, tokens: int) -> Grant:
+        keys = [b.redis_key for b in plan.buckets] + [plan.concurrency_key]
+        args: list[int | str] = [len(plan.buckets), member, plan.max_concurrent, self._lease_ms]
+        for bucket in plan.buckets:
+            args += [bucket.capacity, 1 if bucket.kind == "requests" else tokens]
+        try:
+            reply = await self._store.scripts.acquire(keys=keys, args=args)
+        except (RedisError, OSError):
+            raise StoreUnavailable("The limit store is unreachable; try again shortly.") from None
+        verdict, culprit, retry_ms = int(reply[0]), int(reply[1]), int(reply[2])
+        headers = _headers(plan, reply)
+        if verdict == 1:
+            return Grant(plan, member, tokens, headers)
+        if culprit == len(plan.buckets) + 1:
+            limit, scope = "concurrency", "key"
+            message = f"Concurrency limit of this key reached ({plan.max_concurrent} requests in flight)."
+        else:
+            bucket = plan.buckets[culprit - 1]
+            limit, scope = bucket.kind, bucket.scope
+            per = "requests" if limit == "requests" else "tokens"
+            message = f"Rate limit reached for {per} per minute of this {scope} (limit {bucket.capacity})."
+        if verdict == 2:
+            message = (
+                f"This request needs about {tokens} tokens, more than the {scope}'s limit of "
+                f"{plan.buckets[culprit - 1].capacity} tokens per minute; it can never be served."
+            )
+            headers["x-should-retry"] = "false"
+            retry_ms = 60_000
+        else:
+            retry_ms = max(retry_ms, 1)
+        headers["retry-after"] = str(max(1, math.ceil(retry_ms / 1000)))
+        headers["retry-after-ms"] = str(retry_ms)
+        raise RateLimited(message, limit=limit, scope=scope, headers=headers)
+
+    @staticmethod
+    def finish_call(grant: Grant, used_tokens: int) -> tuple[list[str], list[int | str]]:
+        """Keys and arguments of `finish.lua` for this grant (run in a pipeline by the writer)."""
+        keys = [b.redis_key for b in grant.plan.buckets] + [grant.plan.concurrency_key]
+        args: list[int | str] = [len(grant.plan.buckets), grant.member]
+        for bucket in grant.plan.buckets:
+            delta = grant.reserved_tokens - used_tokens if bucket.kind == "tokens" else 0
+            args += [bucket.capacity, delta]
+        return keys, args

@@ -1,0 +1,84 @@
+"""Server-sent events as bytes: cut at event boundaries, look inside only the usage chunk.
+
+`SSERelay.feed(chunk)` returns the bytes that may go to the client now: every complete event
+received so far, unchanged and in order (a partial event waits for its end, nothing else
+does). JSON is never re-encoded; an event is parsed only when it mentions `"usage"` with a
+value, to read the upstream's token counts. The usage-only chunk (`"choices": []`) that the
+gateway asked for on the client's behalf is removed when the client did not ask for it.
+
+Estimator when the upstream reports no usage (cut stream, server without `include_usage`):
+completion tokens = the number of relayed delta events with non-empty `"content"` (servers
+stream about one token per event); such records are marked `usage_source: estimated`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_BOUNDARY = b"\n\n"
+_CONTENT = b'"content":"'
+_EMPTY_CONTENT = b'"content":""'
+_USAGE = b'"usage"'
+_NULL_USAGE = (b'"usage":null', b'"usage": null')
+_DONE = b"data: [DONE]"
+
+
+class SSERelay:
+    __slots__ = ("_buffer", "_hide_usage", "usage", "content_events", "done", "events")
+
+    def __init__(self, *, hide_usage: bool) -> None:
+        self._buffer = b""
+        self._hide_usage = hide_usage
+        self.usage: dict[str, Any] | None = None
+        self.content_events = 0
+        self.done = False
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(_BOUNDARY)
+        if end < 0:
+            self._buffer = data
+            return b""
+        end += 2
+        complete, self._buffer = data[:end], data[end:]
+        self.events += complete.count(_BOUNDARY)
+        self.content_events += complete.count(_CONTENT) - complete.count(_EMPTY_CONTENT)
+        if _DONE in complete:
+            self.done = True
+        mentions = complete.count(_USAGE)
+        if mentions and mentions > sum(complete.count(null) for null in _NULL_USAGE):
+            return self._take_usage(complete)
+        return complete
+
+    def rest(self) -> bytes:
+        """What is left when the upstream ends: an event without its final blank line."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _take_usage(self, complete: bytes) -> bytes:
+        kept: list[bytes] = []
+        for event in complete.split(_BOUNDARY)[:-1]:
+            if _USAGE in event and not any(null in event for null in _NULL_USAGE):
+                parsed = _parse_data(event)
+                if parsed is not None and isinstance(parsed.get("usage"), dict):
+                    self.usage = parsed["usage"]
+                    if self._hide_usage and parsed.get("choices") == []:
+                        continue
+            kept.append(event + _BOUNDARY)
+        return b"".join(kept)
+
+
+def _parse_data(event: bytes) -> dict[str, Any] | None:
+    payload = b"\n".join(
+        line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    )
+    try:
+        parsed = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None

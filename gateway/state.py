@@ -1,0 +1,97 @@
+"""The app's services (`AppState`, under `STATE`) and each request's record (`Exchange`).
+
+`AppState` is built once by `create_app` and holds every service a handler needs; nothing
+lives in module globals. `Exchange` collects what one request's access-log line, metrics and
+usage record need as the handler learns it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.config import Settings
+from gateway.keys import KeyRecord, KeyService
+from gateway.metrics import Metrics
+from gateway.ratelimit import Limiter, OrgLimits, Plan, plan_for
+from gateway.store import Store, org_record
+from gateway.upstream import Pool
+from gateway.usage import UsageWriter
+
+
+@dataclass(eq=False)
+class AppState:
+    settings: Settings
+    store: Store
+    keys: KeyService
+    auth: Authenticator
+    limiter: Limiter
+    usage: UsageWriter
+    metrics: Metrics
+    pools: dict[str, Pool]
+    clock: Callable[[], float]
+    session: aiohttp.ClientSession = field(init=False)
+    draining: bool = False
+    store_ok: bool = True
+    inflight: int = 0
+    _orgs: dict[str, tuple[float, OrgLimits | None]] = field(default_factory=dict)
+
+    async def plan_for(self, record: KeyRecord) -> Plan:
+        """The buckets for this key: its own limits, and its org's when the org has some."""
+        return plan_for(record, self.settings.limits, await self._org_limits(record.org))
+
+    async def _org_limits(self, org: str | None) -> OrgLimits | None:
+        if not org:
+            return None
+        now = self.clock()
+        cached = self._orgs.get(org)
+        if cached is not None and now - cached[0] < self.settings.key_cache_ttl:
+            return cached[1]
+        try:
+            raw = await self.store.redis.hgetall(org_record(org))
+        except Exception:
+            return cached[1] if cached else None
+        limits = OrgLimits(rpm=int(raw.get(b"rpm") or 0), tpm=int(raw.get(b"tpm") or 0)) if raw else None
+        self._orgs[org] = (now, limits)
+        return limits
+
+
+STATE = web.AppKey("state", AppState)
+
+
+class Exchange:
+    """One request as the access log, the metrics and the usage record see it."""
+
+    __slots__ = (
+        "request_id", "started", "started_wall", "key_id", "org", "model", "stream", "status",
+        "limited", "ratelimit_headers", "forwarded_at", "upstream_done_at", "response",
+        "prompt_tokens", "completion_tokens", "usage_source", "error_code",
+    )  # fmt: skip
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self.started_wall = time.time()
+        self.key_id: str | None = None
+        self.org: str | None = None
+        self.model: str | None = None
+        self.stream = False
+        self.status = 0
+        self.limited = False
+        self.ratelimit_headers: dict[str, str] = {}
+        self.forwarded_at: float | None = None
+        self.upstream_done_at: float | None = None
+        self.response: Any = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.usage_source: str | None = None
+        self.error_code: str | None = None
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
