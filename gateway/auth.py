@@ -26,6 +26,7 @@ _MAX_ENTRIES = 100_000
 class _Entry:
     record: KeyRecord | None
     fetched_at: float
+    retry_at: float = 0.0  # during an outage: when to try the store again for this key
 
 
 class Authenticator:
@@ -46,7 +47,7 @@ class Authenticator:
         key_digest = digest(token)
         now = self._clock()
         entry = self._cache.get(key_digest)
-        if entry is None or now - entry.fetched_at >= self._ttl:
+        if entry is None or (now - entry.fetched_at >= self._ttl and now >= entry.retry_at):
             entry = await self._refresh(key_digest, entry, now)
         record = entry.record
         # The store looked the key up by digest; compare again in constant time all the same.
@@ -62,6 +63,7 @@ class Authenticator:
             record = await self._keys.by_digest(key_digest)
         except (RedisError, OSError):
             if entry is not None and entry.record is not None and now - entry.fetched_at < self._stale_ttl:
+                entry.retry_at = now + 1.0  # don't make every request wait out a dead store
                 return entry
             raise StoreUnavailable("The key store is unreachable; try again shortly.") from None
         fresh = _Entry(record, now)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
@@ -52,6 +53,12 @@ def port(text: str) -> int:
     return value
 
 
+def redis_url(text: str) -> str:
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(f"expected redis://, rediss:// or unix://, got {text!r}")
+    return text
+
+
 def model_list(text: str) -> tuple[str, ...]:
     models = tuple(m.strip() for m in text.split(",") if m.strip())
     if not models:
@@ -62,7 +69,7 @@ def model_list(text: str) -> tuple[str, ...]:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config file (default: $LIUTONG_CONFIG)")
-    common.add_argument("--redis-url", help="shared store, e.g. redis://127.0.0.1:6379/0 (default: $LIUTONG_REDIS_URL)")
+    common.add_argument("--redis-url", type=redis_url, help="shared store, e.g. redis://127.0.0.1:6379/0 (default: $LIUTONG_REDIS_URL)")
 
     parser = argparse.ArgumentParser(prog="liutong-gateway", description="API gateway for LLM model servers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

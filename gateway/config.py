@@ -246,6 +246,8 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

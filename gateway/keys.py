@@ -185,13 +185,14 @@ class KeyService:
         return sorted(records, key=lambda r: r.created_at)
 
     async def update(self, key_id: str, **changes: Any) -> KeyRecord:
+        """Change only the named fields, so that a concurrent revoke is never undone."""
         record = replace(await self.get(key_id), **changes)
-        await self._save(record)
-        return record
+        fields = record.to_hash()
+        await self._redis.hset(names.key_record(record.digest), mapping={k: fields[k] for k in changes})
+        return await self.get(key_id)
 
     async def revoke(self, key_id: str, *, now: float | None = None) -> KeyRecord:
         record = await self.get(key_id)
         if record.revoked_at is None:
-            record = replace(record, revoked_at=time.time() if now is None else now)
-            await self._save(record)
+            return await self.update(key_id, revoked_at=time.time() if now is None else now)
         return record

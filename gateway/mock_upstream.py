@@ -62,14 +62,14 @@ MAX_N: Final = 128
 MAX_RECORDS: Final = 10_000
 CLIENT_MAX_SIZE: Final = 64 * 1024 * 1024
 
-_WORDS: Final = (
-    "amber river lantern quiet harbor meadow silver orchard compass thunder velvet canyon ember "
-    "glacier willow falcon prism beacon marble horizon cedar tundra saffron echo garnet summit "
-    "pebble aurora juniper quartz ripple meridian cobalt fennel lagoon tapestry zephyr basalt "
-    "citrus driftwood nebula obsidian paprika quill rosewood sierra tidal umber vortex walnut "
-    "yonder zinnia bramble cascade dune fjord grotto hollow indigo jasmine kestrel lichen mosaic "
-    "nectar"
-).split()
+_WORDS: Final = tuple(
+    """amber river lantern quiet harbor meadow silver orchard compass thunder velvet canyon ember
+    glacier willow falcon prism beacon marble horizon cedar tundra saffron echo garnet summit
+    pebble aurora juniper quartz ripple meridian cobalt fennel lagoon tapestry zephyr basalt
+    citrus driftwood nebula obsidian paprika quill rosewood sierra tidal umber vortex walnut
+    yonder zinnia bramble cascade dune fjord grotto hollow indigo jasmine kestrel lichen mosaic
+    nectar""".split()
+)
 _CHOICE_STRIDE: Final = 23
 # With no interval, a stream yields to the loop every this many token positions (a write only
 # suspends when the socket buffer is full, so a long stream would otherwise hog the loop).
@@ -80,10 +80,6 @@ _LATER: Final = tuple((" " + w, orjson.dumps(" " + w)) for w in _WORDS)
 
 _SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 _DONE: Final = b"data: [DONE]\n\n"
-_SSE_HEADERS: Final = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-}
 
 Token = tuple[str, bytes]
 
@@ -460,7 +456,13 @@ async def _stream(
     plan: _Plan,
     choices: list[tuple[list[Token], str]],
 ) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": record.request_id})
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "x-request-id": record.request_id,
+        }
+    )
     await resp.prepare(request)  # sends the headers now
     record.status = 200
     include_usage = plan.include_usage and not controls.no_usage

@@ -19,6 +19,7 @@ from aiohttp import ClientConnectorError, ClientError, ClientTimeout, web
 from multidict import CIMultiDict
 
 from gateway.errors import (
+    BadRequest,
     BodyTooLarge,
     Draining,
     ModelNotFound,
@@ -36,7 +37,7 @@ from gateway.validation import ChatRequest, parse_chat_request, upstream_body
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus what the gateway sets itself or must never forward.
 _NOT_FORWARDED = frozenset((
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "content-encoding", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade", "host", "content-length", "authorization", "cookie",
     "accept-encoding", "expect", "x-request-id", "content-type",
 ))  # fmt: skip
@@ -98,6 +99,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"The request body exceeds {state.settings.max_body_bytes} bytes.") from None
+    except web.RequestPayloadError:  # a broken transfer, or a body that does not decompress
+        raise BadRequest("The request body could not be read (broken transfer or content encoding).") from None
     chat = parse_chat_request(raw)
     ex.stream = chat.stream
     pool = state.pools.get(chat.model)
@@ -212,8 +215,8 @@ async def _relay_stream(
     loop = asyncio.get_running_loop()
     read = upstream_response.content.readany
     failure: tuple[str, str, int] | None = None
-    async with asyncio.timeout(None) as deadline:
-        try:
+    try:
+        async with asyncio.timeout(None) as deadline:
             first = True
             while True:
                 deadline.reschedule(loop.time() + (timeouts.first_byte if first else timeouts.idle))
@@ -225,19 +228,17 @@ async def _relay_stream(
                 out = relay.feed(chunk)
                 if out:
                     await response.write(out)
-            rest = relay.rest()
-            if rest:
-                await response.write(rest)
-            if not relay.done:
-                failure = ("upstream_error", "The upstream ended the stream before [DONE].", 502)
-        except TimeoutError:
-            failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
-        except ClientError as exc:
-            if isinstance(exc, ConnectionResetError):  # the client went away while we wrote
-                return 499
-            failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
-        except ConnectionResetError:
-            return 499
+        rest = relay.rest()
+        if rest:
+            await response.write(rest)
+        if not relay.done:
+            failure = ("upstream_unavailable", "The upstream ended the stream before [DONE].", 502)
+    except TimeoutError:
+        failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
+    except ConnectionResetError:  # the client went away while we wrote (aiohttp's is a ClientError too)
+        return 499
+    except ClientError:
+        failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
     if failure is not None:
         code, message, status = failure
         state.metrics.upstream_errors.labels(chat.model, "stream_cut" if status == 502 else "idle_timeout").inc()

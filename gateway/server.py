@@ -12,6 +12,7 @@ process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 
@@ -35,55 +36,50 @@ def install_uvloop() -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    mock_runner = None
-    if not settings.models:
-        from gateway.mock_upstream import start_mock_upstream
+    async with contextlib.AsyncExitStack() as stack:
+        if not settings.models:
+            from gateway.mock_upstream import start_mock_upstream
 
-        mock_runner, mock_port = await start_mock_upstream("127.0.0.1", 0)
-        settings = with_demo_upstream(settings, f"http://127.0.0.1:{mock_port}")
-        log.warning("demo_mode", message="No models configured: serving the seed models from the built-in "
-                    "mock upstream.", upstream=f"http://127.0.0.1:{mock_port}")  # fmt: skip
+            mock_runner, mock_port = await start_mock_upstream("127.0.0.1", 0)
+            stack.push_async_callback(mock_runner.cleanup)
+            settings = with_demo_upstream(settings, f"http://127.0.0.1:{mock_port}")
+            log.warning("demo_mode", message="No models configured: serving the seed models from the built-in "
+                        "mock upstream.", upstream=f"http://127.0.0.1:{mock_port}")  # fmt: skip
 
-    app = create_app(settings)
-    state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    sites = [web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)]
-    admin_runner = None
-    if settings.admin_listen is not None:
-        admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
-        await admin_runner.setup()
-        sites.append(web.TCPSite(admin_runner, settings.admin_listen.host, settings.admin_listen.port))
-    for site in sites:
-        await site.start()
+        app = create_app(settings)
+        state = app[STATE]
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True).start()
+        if settings.admin_listen is not None:
+            admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
+            await admin_runner.setup()
+            stack.push_async_callback(admin_runner.cleanup)
+            await web.TCPSite(admin_runner, settings.admin_listen.host, settings.admin_listen.port).start()
 
-    if state.store.embedded:
-        plaintext, record = await state.keys.create("demo")
-        print(
-            f"\nLiutong Gateway is listening on http://{settings.listen.host}:{settings.listen.port}\n"
-            f"Demo key (embedded store; shown once, gone on restart): {plaintext}\n",
-            file=sys.stderr,
-            flush=True,
-        )
-    log.info("listening", host=settings.listen.host, port=settings.listen.port,
-             models=sorted(settings.models), store="embedded" if state.store.embedded else "redis")  # fmt: skip
+        if state.store.embedded:
+            plaintext, _ = await state.keys.create("demo")
+            print(
+                f"\nLiutong Gateway is listening on http://{settings.listen.host}:{settings.listen.port}\n"
+                f"Demo key (embedded store; shown once, gone on restart): {plaintext}\n",
+                file=sys.stderr,
+                flush=True,
+            )
+        log.info("listening", host=settings.listen.host, port=settings.listen.port,
+                 models=sorted(settings.models), store="embedded" if state.store.embedded else "redis")  # fmt: skip
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
 
-    log.info("draining", inflight=state.inflight, grace_seconds=settings.drain_grace_seconds)
-    state.draining = True
-    deadline = loop.time() + settings.drain_grace_seconds
-    while state.inflight and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if admin_runner is not None:
-        await admin_runner.cleanup()
-    await runner.cleanup()
-    if mock_runner is not None:
-        await mock_runner.cleanup()
+        log.info("draining", inflight=state.inflight, grace_seconds=settings.drain_grace_seconds)
+        state.draining = True
+        deadline = loop.time() + settings.drain_grace_seconds
+        while state.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
     log.info("stopped")
 
 

@@ -64,7 +64,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRequest(f"`messages[{i}]` must be an object.", param=f"messages[{i}]")
-        if message.get("role") not in ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(
                 f"`messages[{i}].role` must be one of system, user, assistant.", param=f"messages[{i}].role"
             )
