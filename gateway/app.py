@@ -167,7 +167,7 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append("no_healthy_upstream")
     if reasons:
         return _json(503, {"status": "unavailable", "reasons": reasons})
-    return _json(200, {"status": "ready", "store": "up" if state.store_ok else "degraded"})
+    return _json(200, {"status": "ready", "store": "up" if state.store_ok else "degraded (fail_open)"})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -203,6 +203,9 @@ async def _monitor_store(state: AppState, interval: float = 0.25) -> None:
         if ok != state.store_ok:
             log.warning("store_state_changed", up=ok)
         state.store_ok = ok
+        state.limiter.store_down = not ok
+        if ok:
+            state.limiter.set_degraded(False)
         state.metrics.store_up.set(1 if ok else 0)
         for name, pool in state.pools.items():
             now = state.clock()
@@ -248,6 +251,14 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
     metrics = Metrics(settings.models)
     keys = KeyService(store.redis)
 
+    def degraded_changed(degraded: bool) -> None:
+        metrics.store_degraded.set(1 if degraded else 0)
+        if degraded:
+            log.error("store_outage_fail_open", share=settings.fail_open_share,
+                      message="Serving with per-replica local limits until the store answers again.")  # fmt: skip
+        else:
+            log.warning("store_recovered", message="Limits are shared through the store again.")
+
     def tokens_written(record: UsageRecord) -> None:
         model = metrics.label(record.model)
         metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
@@ -258,7 +269,13 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
         store=store,
         keys=keys,
         auth=Authenticator(keys, clock, ttl=settings.key_cache_ttl, stale_ttl=settings.key_cache_stale_ttl),
-        limiter=Limiter(store, lease_seconds=settings.concurrency_lease_seconds),
+        limiter=Limiter(
+            store,
+            lease_seconds=settings.concurrency_lease_seconds,
+            fail_open_share=settings.fail_open_share if settings.store_outage_policy == "fail_open" else None,
+            clock=clock,
+            on_degraded=degraded_changed,
+        ),
         usage=UsageWriter(store, on_written=tokens_written),
         metrics=metrics,
         pools=build_pools(settings.models, clock),

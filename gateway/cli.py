@@ -46,6 +46,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be ≥ 1")
+    return value
+
+
 def port(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:
@@ -77,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")
     serve.add_argument("--host")
     serve.add_argument("--port", type=port)
+    serve.add_argument("--workers", type=positive_int, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT); needs redis_url")  # fmt: skip
 
     mock = commands.add_parser("mock-upstream", help="run a fake Liutong model server")
     mock.add_argument("--host", default="127.0.0.1")
@@ -202,6 +211,18 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _without_workers(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "mock-upstream":
@@ -221,6 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             listen = Listen(host=args.host or settings.listen.host,
                             port=settings.listen.port if args.port is None else args.port)  # fmt: skip
             settings = replace(settings, listen=listen)
+        if args.workers > 1:
+            from gateway.server import supervise
+
+            if not settings.redis_url:
+                print("liutong-gateway: --workers needs a shared store (redis_url): workers on the embedded "
+                      "store would each keep their own keys and limits", file=sys.stderr)  # fmt: skip
+                return 2
+            return supervise(_without_workers(sys.argv[1:] if argv is None else list(argv)), args.workers)
         return serve(settings)
     runner: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {"keys": _keys}
     return asyncio.run(runner[args.command](args, settings))

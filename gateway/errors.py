@@ -3,9 +3,12 @@
     GatewayError (status, type, code, param)
     ├── BadRequest            400 invalid_request_error           (param = the field's path)
     ├── InvalidApiKey         401 invalid_request_error / invalid_api_key
+    ├── Unauthorized          401 invalid_request_error / invalid_token     (admin API: bad JWT)
+    ├── Forbidden             403 permission_error / insufficient_role      (admin API: role)
     ├── ModelNotFound         404 invalid_request_error / model_not_found
     ├── NotFound              404 invalid_request_error
     ├── MethodNotAllowed      405 invalid_request_error
+    ├── Conflict              409 invalid_request_error                     (code names the conflict)
     ├── BodyTooLarge          413 invalid_request_error
     ├── UnsupportedMediaType  415 invalid_request_error
     ├── RateLimited           429 <requests|tokens|concurrency> / rate_limit_exceeded
@@ -61,6 +64,22 @@ class ModelNotFound(GatewayError):
     code = "model_not_found"
 
 
+class Unauthorized(GatewayError):
+    """The admin API's bearer token is missing, malformed or fails verification."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_token"
+
+
+class Forbidden(GatewayError):
+    """A valid admin token whose role does not allow this route."""
+
+    status = 403
+    type = "permission_error"
+    code = "insufficient_role"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -69,6 +88,15 @@ class NotFound(GatewayError):
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, code: str, param: str | None = None):
+        super().__init__(message, param=param)
+        self.code = code
 
 
 class BodyTooLarge(GatewayError):

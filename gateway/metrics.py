@@ -8,9 +8,10 @@ hot path does no label lookups.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 UNKNOWN_MODEL = "unknown"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -37,17 +38,22 @@ class Metrics:
                                    ["model", "limit"], registry=r)  # fmt: skip
         self.ratelimited_scope = Counter("liutong_ratelimited_by_scope", "Requests refused, by limit scope.",
                                          ["scope", "limit"], registry=r)  # fmt: skip
-        self.inflight = Gauge("liutong_inflight_requests", "Requests being served.", ["model"], registry=r)
+        self.inflight = Gauge("liutong_inflight_requests", "Requests being served.", ["model"], registry=r,
+                              multiprocess_mode="livesum")  # fmt: skip
         self.upstream_errors = Counter("liutong_upstream_errors", "Upstream failures, by reason.",
                                        ["model", "reason"], registry=r)  # fmt: skip
-        self.store_up = Gauge("liutong_store_up", "1 while the shared store answers.", registry=r)
+        self.store_up = Gauge("liutong_store_up", "1 while the shared store answers.", registry=r,
+                              multiprocess_mode="livemin")  # fmt: skip
         self.store_degraded = Gauge("liutong_store_degraded",
-                                    "1 while serving under fail_open during a store outage.", registry=r)  # fmt: skip
+                                    "1 while serving under fail_open during a store outage.", registry=r,
+                                    multiprocess_mode="livemax")  # fmt: skip
         self.upstream_healthy = Gauge("liutong_upstream_healthy", "1 while an upstream is in rotation.",
-                                      ["model", "upstream"], registry=r)  # fmt: skip
+                                      ["model", "upstream"], registry=r, multiprocess_mode="livemin")  # fmt: skip
         self.usage_pending = Gauge("liutong_usage_spool_records",
-                                   "Usage records waiting to be written to the store.", registry=r)  # fmt: skip
-        self.draining = Gauge("liutong_draining", "1 while the gateway drains before exit.", registry=r)
+                                   "Usage records waiting to be written to the store.", registry=r,
+                                   multiprocess_mode="livesum")  # fmt: skip
+        self.draining = Gauge("liutong_draining", "1 while the gateway drains before exit.", registry=r,
+                              multiprocess_mode="livemax")  # fmt: skip
         self._requests: dict[tuple[str, int], Counter] = {}
         self._duration: dict[tuple[str, bool], Histogram] = {}
         for model in self.models:
@@ -70,4 +76,10 @@ class Metrics:
         hist.observe(seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics, or every worker's summed in `serve --workers` (multiprocess mode)."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)

@@ -11,7 +11,8 @@ The `x-ratelimit-*` headers report the tighter of the key's and the org's bucket
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -44,6 +45,12 @@ class Plan:
     concurrency_key: str
     max_concurrent: int
 
+    def scaled(self, share: float) -> Plan:
+        """This plan with every limit cut to `share` of itself (the fail_open per-replica budget)."""
+        buckets = tuple(replace(b, capacity=max(1, int(b.capacity * share))) for b in self.buckets)
+        conc = max(1, int(self.max_concurrent * share)) if self.max_concurrent else 0
+        return Plan(buckets, self.concurrency_key, conc)
+
     def tokens_capacity(self) -> int | None:
         caps = [b.capacity for b in self.buckets if b.kind == "tokens"]
         return min(caps) if caps else None
@@ -57,6 +64,7 @@ class Grant:
     member: str
     reserved_tokens: int
     headers: dict[str, str]
+    local: bool = False  # admitted by this replica's own buckets while the store was down
 
 
 def plan_for(record: KeyRecord, defaults: Limits, org: OrgLimits | None) -> Plan:
@@ -106,10 +114,80 @@ def _headers(plan: Plan, reply: list[int]) -> dict[str, str]:
     return headers
 
 
+class LocalBuckets:
+    """The same buckets as `acquire.lua`, in this process only: the fail_open fallback."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._levels: dict[str, tuple[float, float]] = {}
+        self._inflight: dict[str, set[str]] = {}
+
+    def _level(self, bucket: Bucket, now_ms: float) -> float:
+        level, ts = self._levels.get(bucket.redis_key, (bucket.capacity, now_ms))
+        return min(bucket.capacity, level + max(0.0, now_ms - ts) * bucket.capacity / 60000)
+
+    def acquire(self, plan: Plan, member: str, tokens: int) -> list[int]:
+        """A reply shaped like `acquire.lua`'s."""
+        now = self._clock() * 1000
+        verdict, culprit, retry_ms = 1, 0, 0
+        levels = []
+        for i, bucket in enumerate(plan.buckets, start=1):
+            level = self._level(bucket, now)
+            cost = 1 if bucket.kind == "requests" else tokens
+            levels.append(level)
+            if cost > bucket.capacity:
+                if verdict != 2:
+                    verdict, culprit, retry_ms = 2, i, 0
+            elif level < cost and verdict != 2:
+                wait = math.ceil((cost - level) * 60000 / bucket.capacity)
+                if verdict == 1 or wait > retry_ms:
+                    verdict, culprit, retry_ms = 0, i, wait
+        holders = self._inflight.setdefault(plan.concurrency_key, set())
+        if verdict == 1 and plan.max_concurrent and len(holders) >= plan.max_concurrent:
+            verdict, culprit, retry_ms = 0, len(plan.buckets) + 1, 1000
+        if verdict == 1:
+            for i, bucket in enumerate(plan.buckets):
+                levels[i] -= 1 if bucket.kind == "requests" else tokens
+                self._levels[bucket.redis_key] = (levels[i], now)
+            holders.add(member)
+        reply = [verdict, culprit, retry_ms, len(holders)]
+        for bucket, level in zip(plan.buckets, levels, strict=True):
+            reply += [math.floor(max(0, level)), math.ceil(max(0, bucket.capacity - level) * 60000 / bucket.capacity)]
+        return reply
+
+    def finish(self, grant: Grant, used_tokens: int) -> None:
+        holders = self._inflight.get(grant.plan.concurrency_key)
+        if not holders or grant.member not in holders:
+            return
+        holders.discard(grant.member)
+        now = self._clock() * 1000
+        for bucket in grant.plan.buckets:
+            if bucket.kind == "tokens":
+                level = self._level(bucket, now) + grant.reserved_tokens - used_tokens
+                self._levels[bucket.redis_key] = (min(bucket.capacity, level), now)
+
+
 class Limiter:
-    def __init__(self, store: Store, *, lease_seconds: float) -> None:
+    """Admits requests against the shared store; under `fail_open`, against local buckets
+    sized `fail_open_share` of each limit while the store is unreachable."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lease_seconds: float,
+        fail_open_share: float | None = None,
+        clock: Callable[[], float] | None = None,
+        on_degraded: Callable[[bool], None] | None = None,
+    ) -> None:
         self._store = store
         self._lease_ms = int(lease_seconds * 1000)
+        self._share = fail_open_share
+        self._local = LocalBuckets(clock) if fail_open_share and clock else None
+        self._on_degraded = on_degraded
+        self.degraded = False
+        # Set by the store monitor: while the store is known to be down, don't wait on it.
+        self.store_down = False
 
     def reservation(self, plan: Plan, estimate: int, explicit_max: bool) -> int:
         """Tokens to reserve. An estimate that only exceeds the bucket because of the default
@@ -124,14 +202,23 @@ class Limiter:
         args: list[int | str] = [len(plan.buckets), member, plan.max_concurrent, self._lease_ms]
         for bucket in plan.buckets:
             args += [bucket.capacity, 1 if bucket.kind == "requests" else tokens]
+        local = False
         try:
+            if self.store_down:
+                raise ConnectionError("the store monitor saw the store down")
             reply = await self._store.scripts.acquire(keys=keys, args=args)
+            self.set_degraded(False)
         except (RedisError, OSError):
-            raise StoreUnavailable("The limit store is unreachable; try again shortly.") from None
+            if self._local is None or self._share is None:
+                raise StoreUnavailable("The limit store is unreachable; try again shortly.") from None
+            self.set_degraded(True)
+            plan = plan.scaled(self._share)
+            reply = self._local.acquire(plan, member, tokens)
+            local = True
         verdict, culprit, retry_ms = int(reply[0]), int(reply[1]), int(reply[2])
         headers = _headers(plan, reply)
         if verdict == 1:
-            return Grant(plan, member, tokens, headers)
+            return Grant(plan, member, tokens, headers, local)
         if culprit == len(plan.buckets) + 1:
             limit, scope = "concurrency", "key"
             message = f"Concurrency limit of this key reached ({plan.max_concurrent} requests in flight)."
@@ -153,9 +240,17 @@ class Limiter:
         headers["retry-after-ms"] = str(retry_ms)
         raise RateLimited(message, limit=limit, scope=scope, headers=headers)
 
-    @staticmethod
-    def finish_call(grant: Grant, used_tokens: int) -> tuple[list[str], list[int | str]]:
-        """Keys and arguments of `finish.lua` for this grant (run in a pipeline by the writer)."""
+    def set_degraded(self, degraded: bool) -> None:
+        if degraded != self.degraded:
+            self.degraded = degraded
+            if self._on_degraded is not None:
+                self._on_degraded(degraded)
+
+    def finish_call(self, grant: Grant, used_tokens: int) -> tuple[list[str], list[int | str]]:
+        """Keys and arguments of `finish.lua` for this grant (run in a pipeline by the writer).
+        A locally admitted grant is settled here at once; its `finish.lua` call is a no-op."""
+        if grant.local and self._local is not None:
+            self._local.finish(grant, used_tokens)
         keys = [b.redis_key for b in grant.plan.buckets] + [grant.plan.concurrency_key]
         args: list[int | str] = [len(grant.plan.buckets), grant.member]
         for bucket in grant.plan.buckets:

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import time
 
 import structlog
 from aiohttp import web
@@ -51,12 +56,17 @@ async def _serve(settings: Settings) -> None:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True).start()
+        reuse_port = os.environ.get(WORKER_ENV) is not None
+        await web.TCPSite(
+            runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port
+        ).start()
         if settings.admin_listen is not None:
             admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
             await admin_runner.setup()
             stack.push_async_callback(admin_runner.cleanup)
-            await web.TCPSite(admin_runner, settings.admin_listen.host, settings.admin_listen.port).start()
+            await web.TCPSite(
+                admin_runner, settings.admin_listen.host, settings.admin_listen.port, reuse_port=reuse_port
+            ).start()
 
         if state.store.embedded:
             plaintext, _ = await state.keys.create("demo")
@@ -94,3 +104,58 @@ def serve(settings: Settings) -> int:
     finally:
         flush_logs()
     return 0
+
+
+WORKER_ENV = "LIUTONG_WORKER"
+
+
+def supervise(serve_argv: list[str], workers: int) -> int:
+    """Run `workers` gateway processes on one port (SO_REUSEPORT) and pass signals on.
+
+    Prometheus runs in multiprocess mode (a fresh `PROMETHEUS_MULTIPROC_DIR` unless one is set),
+    so any worker's `/metrics` reports the sum over all of them. A worker that dies is restarted.
+    """
+    configure_logging("info")
+    own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="liutong-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    command = [sys.executable, "-m", "gateway", *serve_argv]
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env={**env, WORKER_ENV: str(index)})
+
+    children = [spawn(i) for i in range(workers)]
+    started = [time.monotonic()] * workers
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("supervising", workers=workers, pids=[c.pid for c in children])
+    try:
+        while True:
+            if all(child.poll() is not None for child in children):
+                break
+            for i, child in enumerate(children):
+                code = child.poll()
+                if code is not None and not stopping:
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(child.pid, metrics_dir)
+                    log.error("worker_exited", pid=child.pid, code=code)
+                    if time.monotonic() - started[i] < 2.0:  # it cannot start at all: stop everything
+                        forward(signal.SIGTERM, None)
+                        continue
+                    children[i], started[i] = spawn(i), time.monotonic()
+            time.sleep(0.2)
+    finally:
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        flush_logs()
+    return max((child.returncode or 0) for child in children)
