@@ -20,6 +20,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway.admin import setup_admin
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.errors import (
@@ -31,13 +32,15 @@ from gateway.errors import (
     RateLimited,
     error_body,
 )
+from gateway.invalidation import Events, Subscriber
 from gateway.keys import KeyService
 from gateway.metrics import Metrics
 from gateway.proxy import chat_completions
 from gateway.ratelimit import Limiter
+from gateway.spool import open_spool
 from gateway.state import EXCHANGE, STATE, AppState, Exchange
 from gateway.store import Store, open_store
-from gateway.upstream import build_pools
+from gateway.upstream import build_pools, run_health_checks
 from gateway.usage import UsageRecord, UsageWriter
 
 log = structlog.get_logger("liutong.gateway")
@@ -174,6 +177,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.metrics.usage_pending.set(state.usage.pending)
     state.metrics.draining.set(1 if state.draining else 0)
+    now = state.clock()
+    for name, pool in state.pools.items():
+        for upstream in pool.upstreams:
+            state.metrics.upstream_healthy.labels(name, upstream.root).set(1 if upstream.available(now) else 0)
     return web.Response(body=state.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
 
@@ -207,10 +214,6 @@ async def _monitor_store(state: AppState, interval: float = 0.25) -> None:
         if ok:
             state.limiter.set_degraded(False)
         state.metrics.store_up.set(1 if ok else 0)
-        for name, pool in state.pools.items():
-            now = state.clock()
-            for upstream in pool.upstreams:
-                state.metrics.upstream_healthy.labels(name, upstream.root).set(1 if upstream.available(now) else 0)
         await asyncio.sleep(interval)
 
 
@@ -232,10 +235,22 @@ def _lifecycle(state: AppState) -> Callable[[web.Application], AsyncIterator[Non
             log.warning("store_unreachable_at_start", error=type(exc).__name__)
         state.usage.start()
         monitor = asyncio.get_running_loop().create_task(_monitor_store(state), name="store-monitor")
+        checks = asyncio.get_running_loop().create_task(
+            run_health_checks(lambda: state.pools, state.session), name="upstream-health-checks"
+        )
+        # Key and org changes made on other replicas (or by the CLI) drop this one's cache entries.
+        subscriber = None if state.store.embedded or not state.settings.redis_url else Subscriber(
+            state.settings.redis_url, state.events, connect_timeout=max(state.settings.store_timeout, 1.0)
+        )  # fmt: skip
+        if subscriber is not None:
+            await subscriber.start()
         try:
             yield
         finally:
             monitor.cancel()
+            checks.cancel()
+            if subscriber is not None:
+                await subscriber.close()
             await state.usage.close()
             await state.session.close()
             await state.store.close()
@@ -249,7 +264,8 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
         settings.redis_url, timeout=settings.store_timeout, max_connections=settings.store_max_connections
     )
     metrics = Metrics(settings.models)
-    keys = KeyService(store.redis)
+    events = Events(store.redis)
+    keys = KeyService(store.redis, events)
 
     def degraded_changed(degraded: bool) -> None:
         metrics.store_degraded.set(1 if degraded else 0)
@@ -264,7 +280,7 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
         metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
         metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
 
-    return AppState(
+    state = AppState(
         settings=settings,
         store=store,
         keys=keys,
@@ -276,11 +292,22 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
             clock=clock,
             on_degraded=degraded_changed,
         ),
-        usage=UsageWriter(store, on_written=tokens_written),
+        usage=UsageWriter(
+            store,
+            # The embedded store never becomes unreachable (and keeps nothing across restarts).
+            spool=open_spool(None if store.embedded else settings.usage_spool_path, fsync=settings.usage_spool_fsync,
+                             fsync_interval=settings.usage_spool_fsync_interval),
+            stream_maxlen=settings.usage_stream_maxlen,
+            on_written=tokens_written,
+            on_pending=metrics.usage_pending.set,
+        ),
         metrics=metrics,
         pools=build_pools(settings.models, clock),
         clock=clock,
+        events=events,
     )
+    events.listen(state.forget)
+    return state
 
 
 def create_app(settings: Settings, *, store: Store | None = None, clock: Callable[[], float] | None = None) -> web.Application:
@@ -294,14 +321,16 @@ def create_app(settings: Settings, *, store: Store | None = None, clock: Callabl
     app.router.add_get("/readyz", readyz)
     if settings.admin_listen is None:
         app.router.add_get("/metrics", metrics_handler)
+        setup_admin(app, state)
     return app
 
 
 def create_admin_app(main: web.Application) -> web.Application:
-    """The admin listener's app: `/metrics` (and later `/admin/`), plus the health routes."""
+    """The admin listener's app: `/metrics` and `/admin/`, plus the health routes."""
     admin = web.Application(middlewares=[exchange_middleware])
     admin[STATE] = main[STATE]
     admin.router.add_get("/metrics", metrics_handler)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
+    setup_admin(admin, main[STATE])
     return admin

@@ -1,8 +1,10 @@
-"""The `liutong-gateway` command line (CONTRACT §5): serve, keys, mock-upstream.
+"""The `liutong-gateway` command line (CONTRACT §5): serve, keys, orgs, usage, mock-upstream.
 
 Every command reads the same settings (`--config`, `--redis-url`, `LIUTONG_*`). Bad arguments
 get a short message naming the argument on stderr and exit status 2 (argparse's convention);
-a bad config file or an unreachable store exits 1 with the reason.
+a bad config file or an unreachable store exits 1 with the reason. `keys` and `orgs` go through
+the same services as the admin API (`KeyService`, `OrgService`), which publish every change so
+that running gateways drop their cached entries at once.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
+from gateway import usage_cli
 from gateway.config import ConfigError, Listen, Settings, load_settings
-from gateway.keys import KeyNotFound, KeyRecord, KeyService
+from gateway.keys import KeyNotFound, KeyRecord, KeyRevoked, KeyService
+from gateway.orgs import OrgExists, OrgNotFound, OrgRecord, OrgService, valid_org
 from gateway.store import open_store
 
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -73,6 +77,17 @@ def model_list(text: str) -> tuple[str, ...]:
     return models
 
 
+def overlap(text: str) -> float:
+    """A duration, or 0 (revoke the rotated key at once)."""
+    return 0.0 if text.strip() == "0" else duration(text)
+
+
+def org_name(text: str) -> str:
+    if not valid_org(text):
+        raise argparse.ArgumentTypeError(f"expected 1-64 characters of [A-Za-z0-9._-], got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config file (default: $LIUTONG_CONFIG)")
@@ -95,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def limit_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--org")
+        p.add_argument("--org", type=org_name)
         p.add_argument("--models", type=model_list, help="comma-separated model ids (default: all)")
         p.add_argument("--rpm", type=non_negative_int, help="requests per minute (0 = no limit)")
         p.add_argument("--tpm", type=non_negative_int, help="tokens per minute (0 = no limit)")
@@ -120,6 +135,26 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--disable", action="store_true")
     update.add_argument("--enable", action="store_true")
     update.add_argument("--json", action="store_true")
+    rotate = key_commands.add_parser("rotate", parents=[common], help="replace a key (new key printed once)")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--overlap", type=overlap, help="how long the old key still works, e.g. 1h "
+                        "(default: admin.rotation_overlap; 0 = revoke it now)")  # fmt: skip
+    rotate.add_argument("--json", action="store_true")
+
+    orgs = commands.add_parser("orgs", help="manage org-wide limits")
+    org_commands = orgs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("create", "create an org"), ("update", "change an org's limits")):
+        p = org_commands.add_parser(action, parents=[common], help=text)
+        p.add_argument("org", type=org_name)
+        p.add_argument("--rpm", type=non_negative_int, help="requests per minute for the whole org (0 = no limit)")
+        p.add_argument("--tpm", type=non_negative_int, help="tokens per minute for the whole org (0 = no limit)")
+        p.add_argument("--json", action="store_true")
+    org_show = org_commands.add_parser("show", parents=[common], help="show one org")
+    org_show.add_argument("org", type=org_name)
+    org_show.add_argument("--json", action="store_true")
+    org_list = org_commands.add_parser("list", parents=[common], help="list orgs")
+    org_list.add_argument("--json", action="store_true")
+    usage_cli.add_parsers(commands, common)
     return parser
 
 
@@ -185,6 +220,12 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action == "revoke":
             record = await service.revoke(args.key_id)
             print(f"revoked {record.key_id}")
+        elif args.action == "rotate":
+            seconds = settings.admin.rotation_overlap if args.overlap is None else args.overlap
+            plaintext, record, old = await service.rotate(args.key_id, overlap=seconds)
+            _show(record, args.json, plaintext)
+            if not args.json:
+                print(f"{old.key_id} stops working at {_fmt('revoked_at', old.revoked_at)}", file=sys.stderr)
         elif args.action == "update":
             changes: dict[str, Any] = {}
             for name in ("name", "org", "rpm", "tpm", "max_concurrent"):
@@ -203,8 +244,58 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     except KeyNotFound as exc:
         print(f"keys {args.action}: no key with key_id {exc.args[0]!r}", file=sys.stderr)
         return 1
+    except KeyRevoked as exc:
+        print(f"keys {args.action}: key {exc.args[0]!r} is revoked or already rotated", file=sys.stderr)
+        return 1
     except (RedisError, OSError) as exc:
         print(f"keys {args.action}: the store at the configured redis_url is unreachable ({exc})", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    return 0
+
+
+def _show_org(record: OrgRecord, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record.public(), indent=2))
+        return
+    for name, value in record.public().items():
+        print(f"{name:15} {_fmt(name, value)}")
+
+
+async def _orgs(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.redis_url:
+        print("orgs: no store configured; set --redis-url or LIUTONG_REDIS_URL", file=sys.stderr)
+        return 2
+    if args.action == "update" and args.rpm is None and args.tpm is None:
+        print("orgs update: give --rpm and/or --tpm", file=sys.stderr)
+        return 2
+    store = open_store(settings.redis_url, timeout=max(settings.store_timeout, 2.0))
+    service = OrgService(store.redis)
+    try:
+        if args.action == "create":
+            _show_org(await service.create(args.org, rpm=args.rpm, tpm=args.tpm), args.json)
+        elif args.action == "update":
+            changes = {name: getattr(args, name) for name in ("rpm", "tpm") if getattr(args, name) is not None}
+            _show_org(await service.update(args.org, **changes), args.json)
+        elif args.action == "show":
+            _show_org(await service.get(args.org), args.json)
+        elif args.action == "list":
+            records = await service.list()
+            if args.json:
+                print(json.dumps([r.public() for r in records], indent=2))
+            else:
+                print(f"{'ORG':24} {'RPM':>9} {'TPM':>11}")
+                for r in records:
+                    print(f"{r.org[:24]:24} {_fmt('rpm', r.rpm):>9} {_fmt('tpm', r.tpm):>11}")
+    except OrgExists:
+        print(f"orgs create: org {args.org!r} exists already (change it with `orgs update`)", file=sys.stderr)
+        return 1
+    except OrgNotFound:
+        print(f"orgs {args.action}: no org {args.org!r}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as exc:
+        print(f"orgs {args.action}: the store at the configured redis_url is unreachable ({exc})", file=sys.stderr)
         return 1
     finally:
         await store.close()
@@ -238,10 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from gateway.server import serve
 
-        if args.host or args.port is not None:
-            listen = Listen(host=args.host or settings.listen.host,
-                            port=settings.listen.port if args.port is None else args.port)  # fmt: skip
-            settings = replace(settings, listen=listen)
+        def with_flags(loaded: Settings) -> Settings:
+            if args.host or args.port is not None:
+                listen = Listen(host=args.host or loaded.listen.host,
+                                port=loaded.listen.port if args.port is None else args.port)  # fmt: skip
+                loaded = replace(loaded, listen=listen)
+            return loaded
+
+        settings = with_flags(settings)
         if args.workers > 1:
             from gateway.server import supervise
 
@@ -250,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "store would each keep their own keys and limits", file=sys.stderr)  # fmt: skip
                 return 2
             return supervise(_without_workers(sys.argv[1:] if argv is None else list(argv)), args.workers)
-        return serve(settings)
-    runner: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {"keys": _keys}
+        return serve(settings, reload=lambda: with_flags(_settings(args)))
+    runner: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {"keys": _keys, "orgs": _orgs, "usage": usage_cli.run}
     return asyncio.run(runner[args.command](args, settings))
 
 

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.redis_topology import parse_redis_url
+
 SEED_MODELS = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
 
 
@@ -48,18 +50,61 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks of a model's upstreams: GET `<root><path>` every `interval` s."""
+
+    path: str = "/health"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_after: int = 2  # consecutive failed checks that take an upstream out of rotation
+    healthy_after: int = 1  # consecutive good checks that bring it back
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     name: str
     upstreams: tuple[str, ...]
     timeouts: Timeouts
     # Sent upstream as `Authorization: Bearer …` when set (the client's own header never is).
     api_key: str | None = None
+    weights: tuple[int, ...] = ()  # per upstream, default 1
+    max_connections: tuple[int, ...] = ()  # requests in flight per upstream, default 0 = no limit
+    health_check: HealthCheck | None = None
+
+
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                  "ES256", "ES384", "ES512")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AdminJwt:
+    """How admin API bearer tokens are verified (CONTRACT §9): HMAC with `secret`, a PEM public
+    key, or the keys at `jwks_url`. `exp` and `aud` are always required, `iss` when `issuer` is set."""
+
+    audience: str
+    algorithms: tuple[str, ...]
+    secret: str | None = field(default=None, repr=False)
+    public_key: str | None = None  # PEM text (from `public_key_file` or given inline)
+    jwks_url: str | None = None
+    issuer: str | None = None
+    role_claim: str = "role"  # a dotted path into the claims, e.g. `realm_access.roles`
+    admin_role: str = "admin"
+    viewer_role: str = "viewer"
+    leeway: float = 30.0  # seconds of clock skew allowed on exp / nbf / iat
+    jwks_cache_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    jwt: AdminJwt | None = None  # None: the admin API is off and every /admin/ route answers 404
+    rotation_overlap: float = 3600.0  # seconds a rotated key's predecessor keeps working
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: Listen = field(default_factory=Listen)
     admin_listen: Listen | None = None
+    admin: Admin = field(default_factory=Admin)
     redis_url: str | None = None
     models: Mapping[str, ModelRoute] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
@@ -79,7 +124,21 @@ class Settings:
     # A concurrency slot whose holder vanished (process killed) expires after this long.
     concurrency_lease_seconds: float = 900.0
     drain_grace_seconds: float = 30.0
+    # Further upstreams tried when one refuses the connection or answers 503 (before the first byte).
+    upstream_retries: int = 2
+    # Seconds a client may take to send its request body (a slow sender gets 408 and is closed).
+    request_body_timeout: float = 30.0
+    # Seconds an idle client keep-alive connection stays open.
+    keepalive_timeout: float = 75.0
     log_level: str = "info"
+    # Usage records wait in this append-only file while the store is unreachable (relative to
+    # the working directory; None or "off": in memory only, lost on exit). See `spool.py`.
+    usage_spool_path: str | None = "liutong-usage.spool"
+    # `always` (fsync every append), `interval` (every `usage_spool_fsync_interval` s), `never`.
+    usage_spool_fsync: str = "interval"
+    usage_spool_fsync_interval: float = 1.0
+    # Retention of the usage stream: about this many newest records are kept (0 = all).
+    usage_stream_maxlen: int = 10_000_000
     # Demo mode: no models configured → serve the seed models from the built-in mock upstream.
     demo: bool = False
 
@@ -179,6 +238,116 @@ def upstream_url(value: Any, name: str) -> str:
     return url
 
 
+def _public_key(pem: str, name: str) -> str:
+    """`pem` if it is a PEM public key of a kind JWTs are signed with; the error names `name`."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode())
+    except ValueError:
+        raise ConfigError(f"{name}: not a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise ConfigError(f"{name}: expected an RSA or EC public key")
+    return pem
+
+
+def _default_algorithms(secret: str | None, public_key: str | None, jwks_url: str | None) -> tuple[str, ...]:
+    algorithms: list[str] = ["HS256"] if secret else []
+    if public_key:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        key = load_pem_public_key(public_key.encode())
+        if isinstance(key, rsa.RSAPublicKey):
+            algorithms.append("RS256")
+        else:
+            curve = getattr(key, "curve", None)
+            algorithms.append({"secp384r1": "ES384", "secp521r1": "ES512"}.get(getattr(curve, "name", ""), "ES256"))
+    if jwks_url:
+        algorithms += [a for a in ("RS256", "ES256") if a not in algorithms]
+    return tuple(algorithms)
+
+
+def _admin_jwt(raw: Any) -> AdminJwt:
+    name = "admin.jwt"
+    section = _mapping(raw, name)
+    _known(section, {"secret", "public_key", "public_key_file", "jwks_url", "algorithms", "audience", "issuer",
+                     "role_claim", "admin_role", "viewer_role", "leeway", "jwks_cache_seconds"}, name)  # fmt: skip
+    secret = section.get("secret")
+    if secret is not None:
+        secret = _str(secret, f"{name}.secret")
+        if len(secret.encode()) < 32:
+            raise ConfigError(f"{name}.secret: must be at least 32 bytes (an HMAC key shorter than its hash is weak)")
+    public_key = section.get("public_key")
+    key_file = section.get("public_key_file")
+    if public_key is not None and key_file is not None:
+        raise ConfigError(f"{name}.public_key_file: set either public_key or public_key_file, not both")
+    if key_file is not None:
+        key_file = _str(key_file, f"{name}.public_key_file")
+        try:
+            with open(key_file, encoding="utf-8") as fh:
+                public_key = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}.public_key_file: cannot read {key_file} ({exc})") from None
+        public_key = _public_key(public_key, f"{name}.public_key_file")
+    elif public_key is not None:
+        public_key = _public_key(_str(public_key, f"{name}.public_key"), f"{name}.public_key")
+    jwks_url = section.get("jwks_url")
+    if jwks_url is not None:
+        jwks_url = _str(jwks_url, f"{name}.jwks_url")
+        if urlsplit(jwks_url).scheme not in ("http", "https") or not urlsplit(jwks_url).hostname:
+            raise ConfigError(f"{name}.jwks_url: not an http(s) URL: {jwks_url!r}")
+    if not (secret or public_key or jwks_url):
+        raise ConfigError(f"{name}: set secret, public_key_file (or public_key) or jwks_url")
+    if section.get("audience") is None:
+        raise ConfigError(f"{name}.audience: required (every admin token must carry a matching `aud`)")
+    raw_algorithms = section.get("algorithms")
+    if raw_algorithms is None:
+        algorithms = _default_algorithms(secret, public_key, jwks_url)
+    else:
+        items = raw_algorithms.split(",") if isinstance(raw_algorithms, str) else raw_algorithms
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{name}.algorithms: expected a list such as [HS256] or [RS256, ES256]")
+        algorithms = tuple(str(a).strip() for a in items)
+        for alg in algorithms:
+            if alg not in JWT_ALGORITHMS:
+                raise ConfigError(f"{name}.algorithms: {alg!r} is not one of {', '.join(JWT_ALGORITHMS)}")
+            if alg.startswith("HS") and not secret:
+                raise ConfigError(f"{name}.algorithms: {alg} needs {name}.secret")
+            if alg.startswith("HS") and secret and len(secret.encode()) < int(alg[2:]) // 8:
+                raise ConfigError(f"{name}.secret: {alg} needs a secret of at least {int(alg[2:]) // 8} bytes")
+            if not alg.startswith("HS") and not (public_key or jwks_url):
+                raise ConfigError(f"{name}.algorithms: {alg} needs {name}.public_key_file or {name}.jwks_url")
+    issuer = section.get("issuer")
+    leeway = _float(section.get("leeway", 30.0), f"{name}.leeway", positive=False)
+    if leeway > 300:
+        raise ConfigError(f"{name}.leeway: at most 300 seconds, got {leeway}")
+    return AdminJwt(
+        audience=_str(section.get("audience"), f"{name}.audience"),
+        algorithms=algorithms,
+        secret=secret,
+        public_key=public_key,
+        jwks_url=jwks_url,
+        issuer=_str(issuer, f"{name}.issuer") if issuer is not None else None,
+        role_claim=_str(section.get("role_claim", "role"), f"{name}.role_claim"),
+        admin_role=_str(section.get("admin_role", "admin"), f"{name}.admin_role"),
+        viewer_role=_str(section.get("viewer_role", "viewer"), f"{name}.viewer_role"),
+        leeway=leeway,
+        jwks_cache_seconds=_float(section.get("jwks_cache_seconds", 300.0), f"{name}.jwks_cache_seconds"),
+    )
+
+
+def _admin(raw: Any) -> Admin:
+    section = _mapping(raw, "admin")
+    _known(section, {"jwt", "rotation_overlap"}, "admin")
+    jwt = section.get("jwt")
+    return Admin(
+        jwt=_admin_jwt(jwt) if jwt is not None else None,
+        rotation_overlap=_float(section.get("rotation_overlap", 3600.0), "admin.rotation_overlap", positive=False),
+    )
+
+
 def _models(raw: Any, default_timeouts: Timeouts) -> dict[str, ModelRoute]:
     section = _mapping(raw, "models")
     routes: dict[str, ModelRoute] = {}
@@ -187,25 +356,59 @@ def _models(raw: Any, default_timeouts: Timeouts) -> dict[str, ModelRoute]:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{name}: a model id must be a non-empty string")
         spec = _mapping(spec, name)
-        _known(spec, {"upstreams", "timeouts", "api_key"}, name)
+        _known(spec, {"upstreams", "timeouts", "api_key", "health_check"}, name)
         ups = spec.get("upstreams")
         if not isinstance(ups, list) or not ups:
             raise ConfigError(f"{name}.upstreams: expected a non-empty list of URLs")
+        urls, weights, limits = [], [], []
+        for i, entry in enumerate(ups):
+            where = f"{name}.upstreams[{i}]"
+            if isinstance(entry, Mapping):  # {url, weight, max_connections}
+                _known(entry, {"url", "weight", "max_connections"}, where)
+                urls.append(upstream_url(entry.get("url"), f"{where}.url"))
+                weights.append(_int(entry.get("weight", 1), f"{where}.weight", minimum=1))
+                limits.append(_int(entry.get("max_connections", 0), f"{where}.max_connections"))
+            else:
+                urls.append(upstream_url(entry, where))
+                weights.append(1)
+                limits.append(0)
         api_key = spec.get("api_key")
+        check = spec.get("health_check")
         routes[model] = ModelRoute(
             name=model,
-            upstreams=tuple(upstream_url(u, f"{name}.upstreams[{i}]") for i, u in enumerate(ups)),
+            upstreams=tuple(urls),
             timeouts=_timeouts(spec.get("timeouts"), f"{name}.timeouts", default_timeouts),
             api_key=_str(api_key, f"{name}.api_key") if api_key is not None else None,
+            weights=tuple(weights),
+            max_connections=tuple(limits),
+            health_check=_health_check(check, f"{name}.health_check") if check is not None else None,
         )
     return routes
 
 
+def _health_check(raw: Any, name: str) -> HealthCheck:
+    section = _mapping(raw, name)
+    _known(section, {"path", "interval", "timeout", "unhealthy_after", "healthy_after"}, name)
+    default = HealthCheck()
+    path = _str(section.get("path", default.path), f"{name}.path")
+    if not path.startswith("/"):
+        raise ConfigError(f"{name}.path: must start with /, got {path!r}")
+    return HealthCheck(
+        path=path,
+        interval=_float(section.get("interval", default.interval), f"{name}.interval"),
+        timeout=_float(section.get("timeout", default.timeout), f"{name}.timeout"),
+        unhealthy_after=_int(section.get("unhealthy_after", default.unhealthy_after), f"{name}.unhealthy_after",
+                             minimum=1),  # fmt: skip
+        healthy_after=_int(section.get("healthy_after", default.healthy_after), f"{name}.healthy_after", minimum=1),
+    )
+
+
 _TOP_LEVEL = {
-    "listen", "admin_listen", "redis_url", "models", "limits", "timeouts", "max_body_bytes",
+    "listen", "admin_listen", "admin", "redis_url", "models", "limits", "timeouts", "max_body_bytes",
     "store_outage_policy", "fail_open_share", "store_timeout", "store_max_connections",
     "key_cache_ttl", "key_cache_stale_ttl", "default_max_tokens", "concurrency_lease_seconds",
-    "drain_grace_seconds", "log_level",
+    "drain_grace_seconds", "upstream_retries", "request_body_timeout", "keepalive_timeout", "log_level",
+    "usage_spool_path", "usage_spool_fsync", "usage_spool_fsync_interval", "usage_stream_maxlen",
 }  # fmt: skip
 
 # `LIUTONG_<NAME>` → (path in the YAML tree, parser of the string). Documented in the README.
@@ -215,6 +418,19 @@ ENV_SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "LISTEN_PORT": (("listen", "port"), str),
     "ADMIN_LISTEN_HOST": (("admin_listen", "host"), str),
     "ADMIN_LISTEN_PORT": (("admin_listen", "port"), str),
+    "ADMIN_JWT_SECRET": (("admin", "jwt", "secret"), str),
+    "ADMIN_JWT_PUBLIC_KEY": (("admin", "jwt", "public_key"), str),
+    "ADMIN_JWT_PUBLIC_KEY_FILE": (("admin", "jwt", "public_key_file"), str),
+    "ADMIN_JWT_JWKS_URL": (("admin", "jwt", "jwks_url"), str),
+    "ADMIN_JWT_ALGORITHMS": (("admin", "jwt", "algorithms"), str),  # comma-separated
+    "ADMIN_JWT_AUDIENCE": (("admin", "jwt", "audience"), str),
+    "ADMIN_JWT_ISSUER": (("admin", "jwt", "issuer"), str),
+    "ADMIN_JWT_ROLE_CLAIM": (("admin", "jwt", "role_claim"), str),
+    "ADMIN_JWT_ADMIN_ROLE": (("admin", "jwt", "admin_role"), str),
+    "ADMIN_JWT_VIEWER_ROLE": (("admin", "jwt", "viewer_role"), str),
+    "ADMIN_JWT_LEEWAY": (("admin", "jwt", "leeway"), str),
+    "ADMIN_JWT_JWKS_CACHE_SECONDS": (("admin", "jwt", "jwks_cache_seconds"), str),
+    "ADMIN_ROTATION_OVERLAP": (("admin", "rotation_overlap"), str),
     "LIMITS_DEFAULT_RPM": (("limits", "default", "rpm"), str),
     "LIMITS_DEFAULT_TPM": (("limits", "default", "tpm"), str),
     "LIMITS_DEFAULT_MAX_CONCURRENT": (("limits", "default", "max_concurrent"), str),
@@ -232,7 +448,14 @@ ENV_SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "DEFAULT_MAX_TOKENS": (("default_max_tokens",), str),
     "CONCURRENCY_LEASE_SECONDS": (("concurrency_lease_seconds",), str),
     "DRAIN_GRACE_SECONDS": (("drain_grace_seconds",), str),
+    "UPSTREAM_RETRIES": (("upstream_retries",), str),
+    "REQUEST_BODY_TIMEOUT": (("request_body_timeout",), str),
+    "KEEPALIVE_TIMEOUT": (("keepalive_timeout",), str),
     "LOG_LEVEL": (("log_level",), str),
+    "USAGE_SPOOL_PATH": (("usage_spool_path",), str),
+    "USAGE_SPOOL_FSYNC": (("usage_spool_fsync",), str),
+    "USAGE_SPOOL_FSYNC_INTERVAL": (("usage_spool_fsync_interval",), str),
+    "USAGE_STREAM_MAXLEN": (("usage_stream_maxlen",), str),
     # The whole `models` section as YAML/JSON, e.g. '{"m": {"upstreams": ["http://u:9001"]}}'.
     "MODELS": (("models",), yaml.safe_load),
 }
@@ -284,8 +507,10 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
     redis_url = tree.get("redis_url")
     if redis_url is not None:
         redis_url = _str(redis_url, "redis_url")
-        if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"redis_url: expected redis://, rediss:// or unix://, got {redis_url!r}")
+        try:
+            parse_redis_url(redis_url)  # one server, a Cluster or Sentinel: see redis_topology.py
+        except ValueError as exc:
+            raise ConfigError(f"redis_url: {exc}") from None
     policy = tree.get("store_outage_policy", defaults.store_outage_policy)
     if policy not in ("fail_closed", "fail_open"):
         raise ConfigError(f"store_outage_policy: expected fail_closed or fail_open, got {policy!r}")
@@ -296,9 +521,16 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {log_level!r}")
     admin = tree.get("admin_listen")
+    spool_path = tree.get("usage_spool_path", defaults.usage_spool_path)
+    if spool_path is not None:
+        spool_path = _str(spool_path, "usage_spool_path")
+    fsync = tree.get("usage_spool_fsync", defaults.usage_spool_fsync)
+    if fsync not in ("always", "interval", "never"):
+        raise ConfigError(f"usage_spool_fsync: expected always, interval or never, got {fsync!r}")
     return Settings(
         listen=_listen(tree.get("listen"), "listen", defaults.listen),
         admin_listen=_listen(admin, "admin_listen", Listen(port=8081)) if admin is not None else None,
+        admin=_admin(tree.get("admin")),
         redis_url=redis_url,
         models=_models(tree.get("models"), timeouts),
         limits=_limits(limits_section.get("default"), "limits.default", defaults.limits),
@@ -323,7 +555,18 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
         drain_grace_seconds=_float(
             tree.get("drain_grace_seconds", defaults.drain_grace_seconds), "drain_grace_seconds", positive=False
         ),
+        upstream_retries=_int(tree.get("upstream_retries", defaults.upstream_retries), "upstream_retries"),
+        request_body_timeout=_float(
+            tree.get("request_body_timeout", defaults.request_body_timeout), "request_body_timeout"
+        ),
+        keepalive_timeout=_float(tree.get("keepalive_timeout", defaults.keepalive_timeout), "keepalive_timeout"),
         log_level=log_level,
+        usage_spool_path=None if spool_path in (None, "off") else spool_path,
+        usage_spool_fsync=fsync,
+        usage_spool_fsync_interval=_float(
+            tree.get("usage_spool_fsync_interval", defaults.usage_spool_fsync_interval), "usage_spool_fsync_interval"
+        ),
+        usage_stream_maxlen=_int(tree.get("usage_stream_maxlen", defaults.usage_stream_maxlen), "usage_stream_maxlen"),
     )
 
 

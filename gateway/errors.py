@@ -9,6 +9,7 @@
     ├── NotFound              404 invalid_request_error
     ├── MethodNotAllowed      405 invalid_request_error
     ├── Conflict              409 invalid_request_error                     (code names the conflict)
+    ├── RequestTimeout        408 invalid_request_error / request_timeout   (body sent too slowly)
     ├── BodyTooLarge          413 invalid_request_error
     ├── UnsupportedMediaType  415 invalid_request_error
     ├── RateLimited           429 <requests|tokens|concurrency> / rate_limit_exceeded
@@ -16,6 +17,7 @@
     ├── NoHealthyUpstream     503 upstream_error / no_healthy_upstream
     ├── Draining              503 upstream_error / draining
     ├── StoreUnavailable      503 server_error / store_unavailable
+    ├── VerifierUnavailable   503 server_error / jwks_unavailable           (admin API: JWKS unreachable)
     └── UpstreamTimeout       504 upstream_error / upstream_timeout
 
 Handlers raise these; one middleware (`app.py`) turns them into responses and counts them.
@@ -99,6 +101,12 @@ class Conflict(GatewayError):
         self.code = code
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class BodyTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -142,6 +150,12 @@ class StoreUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "store_unavailable"
+
+
+class VerifierUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "jwks_unavailable"
 
 
 class UpstreamTimeout(GatewayError):

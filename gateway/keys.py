@@ -3,7 +3,9 @@
 A key is `lt_` + 40 characters of `[A-Za-z0-9]` drawn from `secrets` (a CSPRNG). The store
 keeps only its SHA-256 digest and metadata under `liutong:key:<digest>`, plus an index from
 the short public `key_id` to the digest. The plaintext is returned once by `create` and never
-stored. The CLI (and later the admin API) manage keys through `KeyService` only.
+stored. The CLI and the admin API manage keys through `KeyService` only, and every change is
+published through `Events` (see `invalidation.py`) so that every replica's cache drops the entry.
+A rotated key's predecessor gets a `revoked_at` in the future: it works until then.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from gateway import store as names
+from gateway.invalidation import Events
 
 KEY_PREFIX = "lt_"
 KEY_BODY_LENGTH = 40
@@ -58,7 +61,7 @@ class KeyRecord:
 
     def problem(self, now: float) -> str | None:
         """Why this key cannot be used now (for the 401 message), or None."""
-        if self.revoked_at is not None:
+        if self.revoked_at is not None and now >= self.revoked_at:
             return "revoked"
         if self.disabled:
             return "disabled"
@@ -120,11 +123,16 @@ class KeyNotFound(LookupError):
     pass
 
 
+class KeyRevoked(ValueError):
+    """The key is revoked (or already rotated, its revocation scheduled): it cannot be rotated."""
+
+
 class KeyService:
     """Create, read, update and revoke key records. One service for the CLI and the gateway."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, events: Events | None = None) -> None:
         self._redis = redis
+        self._events = events or Events(redis)
 
     async def create(
         self,
@@ -174,25 +182,58 @@ class KeyService:
             raise KeyNotFound(key_id)
         return record
 
-    async def list(self) -> list[KeyRecord]:
+    async def list(self, *, org: str | None = None, name: str | None = None) -> list[KeyRecord]:
+        """Every key (oldest first), or those of one `org` and/or with exactly this `name`."""
         ids = sorted(k.decode() for k in await self._redis.smembers(names.KEY_IDS))
-        records = []
+        pipe = self._redis.pipeline(transaction=False)
         for key_id in ids:
-            try:
-                records.append(await self.get(key_id))
-            except KeyNotFound:
-                continue
-        return sorted(records, key=lambda r: r.created_at)
+            pipe.get(names.key_id_index(key_id))
+        digests = await pipe.execute() if ids else []
+        pipe = self._redis.pipeline(transaction=False)
+        for found in digests:
+            if found:
+                pipe.hgetall(names.key_record(found.decode()))
+        raws = await pipe.execute() if any(digests) else []
+        records = [KeyRecord.from_hash(raw) for raw in raws if raw]
+        if org is not None:
+            records = [r for r in records if r.org == org]
+        if name is not None:
+            records = [r for r in records if r.name == name]
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
 
     async def update(self, key_id: str, **changes: Any) -> KeyRecord:
         """Change only the named fields, so that a concurrent revoke is never undone."""
         record = replace(await self.get(key_id), **changes)
+        if not changes:
+            return record
         fields = record.to_hash()
         await self._redis.hset(names.key_record(record.digest), mapping={k: fields[k] for k in changes})
+        await self._events.key_changed(record.digest)
         return await self.get(key_id)
 
     async def revoke(self, key_id: str, *, now: float | None = None) -> KeyRecord:
+        """Revoke now (also a key whose revocation a rotation scheduled for later)."""
+        now = time.time() if now is None else now
         record = await self.get(key_id)
-        if record.revoked_at is None:
-            return await self.update(key_id, revoked_at=time.time() if now is None else now)
+        if record.revoked_at is None or record.revoked_at > now:
+            return await self.update(key_id, revoked_at=now)
         return record
+
+    async def rotate(
+        self, key_id: str, *, overlap: float, now: float | None = None
+    ) -> tuple[str, KeyRecord, KeyRecord]:
+        """A new key (new `key_id`, same name, org, models, limits, expiry) replaces `key_id`,
+        which keeps working for `overlap` seconds and is revoked then. Returns the new plaintext,
+        the new record and the old one."""
+        now = time.time() if now is None else now
+        old = await self.get(key_id)
+        if old.revoked_at is not None:
+            raise KeyRevoked(key_id)
+        plaintext = generate_key()
+        new = replace(old, key_id=new_key_id(), digest=digest(plaintext), revoked_at=None, created_at=now)
+        # Claim the rotation first, so that two concurrent rotations cannot both succeed.
+        if not await self._redis.hsetnx(names.key_record(old.digest), "rotated_to", new.key_id):
+            raise KeyRevoked(key_id)
+        await self._save(new)
+        old = await self.update(key_id, revoked_at=now + overlap)
+        return plaintext, new, old

@@ -61,6 +61,13 @@ class Metrics:
                 self.tokens.labels(model, kind)
             self.inflight.labels(model)
 
+    def set_models(self, models: Iterable[str]) -> None:
+        self.models = frozenset(models)
+        for model in self.models:
+            for kind in ("prompt", "completion"):
+                self.tokens.labels(model, kind)
+            self.inflight.labels(model)
+
     def label(self, model: str) -> str:
         return model if model in self.models else UNKNOWN_MODEL
 

@@ -15,11 +15,12 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import ClientConnectorError, ClientError, ClientTimeout, web
+from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
 from multidict import CIMultiDict
 
 from gateway.errors import (
     BadRequest,
+    RequestTimeout,
     BodyTooLarge,
     Draining,
     ModelNotFound,
@@ -96,7 +97,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     record = await state.auth.authenticate(request.headers.get("Authorization"))
     ex.key_id, ex.org = record.key_id, record.org
     try:
-        raw = await request.read()
+        async with asyncio.timeout(state.settings.request_body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body was not received within {state.settings.request_body_timeout:g} s.",
+            headers={"Connection": "close"},
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"The request body exceeds {state.settings.max_body_bytes} bytes.") from None
     except web.RequestPayloadError:  # a broken transfer, or a body that does not decompress
@@ -120,17 +127,74 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _forward(request, state, ex, chat, raw, pool, grant)
 
 
+class _Attempt:
+    """Where the request went: the upstream chosen, and whether the model may have seen it."""
+
+    __slots__ = ("upstream", "reached")
+
+    def __init__(self) -> None:
+        self.upstream: Upstream | None = None
+        self.reached = False
+
+    def take(self, upstream: Upstream) -> None:
+        """Count this request against `upstream` (and no longer against the previous one)."""
+        self.release()
+        upstream.outstanding += 1
+        self.upstream = upstream
+
+    def release(self) -> None:
+        if self.upstream is not None:
+            self.upstream.outstanding -= 1
+            self.upstream = None
+
+
+async def _open_upstream(
+    state: AppState, pool: Pool, model: str, body: bytes, headers: CIMultiDict[str], attempt: _Attempt
+) -> Any:
+    """POST to the pool until one upstream answers; the response (headers read).
+
+    Another upstream is tried only while the model cannot have seen the request: the connection
+    failed, or the upstream answered 503 (it refused the work). Bounded by `upstream_retries`
+    and, with the whole loop, by the first-byte deadline.
+    """
+    timeouts = pool.route.timeouts
+    client_timeout = ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect)
+    tried: list[Upstream] = []
+    while True:
+        upstream = pool.pick(avoid=tried)
+        tried.append(upstream)
+        attempt.take(upstream)
+        can_retry = len(tried) <= state.settings.upstream_retries and len(tried) < len(pool.upstreams)
+        try:
+            response = await state.session.post(
+                upstream.url, data=body, headers=headers, allow_redirects=False, timeout=client_timeout
+            )
+        except (ClientConnectorError, ConnectionTimeoutError):
+            _upstream_failed(state, pool, upstream, model, "connect")
+            if can_retry:
+                continue
+            raise UpstreamError("The upstream model server refused the connection.") from None
+        except ClientError:
+            attempt.reached = True
+            _upstream_failed(state, pool, upstream, model, "connection")
+            raise UpstreamError("The upstream model server broke the connection.") from None
+        if response.status == 503 and can_retry:
+            _upstream_failed(state, pool, upstream, model, "status_503")
+            response.release()
+            continue
+        attempt.reached = True
+        return response
+
+
 async def _forward(
     request: web.Request, state: AppState, ex: Exchange, chat: ChatRequest, raw: bytes, pool: Pool, grant: Grant
 ) -> web.StreamResponse:
-    upstream = pool.pick()
-    route = pool.route
-    timeouts = route.timeouts
+    timeouts = pool.route.timeouts
     metrics = state.metrics
     inflight = metrics.inflight.labels(chat.model)
     inflight.inc()
     state.inflight += 1
-    reached = False  # the upstream got the request (a usage record is due)
+    attempt = _Attempt()
     relay: SSERelay | None = None
     usage: dict[str, Any] | None = None
     json_estimate: int | None = None  # completion tokens counted in a JSON answer without usage
@@ -138,27 +202,19 @@ async def _forward(
     upstream_response = None
     ex.forwarded_at = forwarded_at = time.perf_counter()
     try:
+        headers = upstream_headers(request, ex.request_id, pool.route.api_key)
         try:
             async with asyncio.timeout(timeouts.first_byte):
-                upstream_response = await state.session.post(
-                    upstream.url,
-                    data=upstream_body(raw, chat),
-                    headers=upstream_headers(request, ex.request_id, route.api_key),
-                    timeout=ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect),
-                    allow_redirects=False,
+                upstream_response = await _open_upstream(
+                    state, pool, chat.model, upstream_body(raw, chat), headers, attempt
                 )
-        except ClientConnectorError:
-            _upstream_failed(state, pool, upstream, chat.model, "connect")
-            raise UpstreamError("The upstream model server refused the connection.") from None
         except TimeoutError:
-            reached = True
-            _upstream_failed(state, pool, upstream, chat.model, "timeout")
+            attempt.reached = True
+            if attempt.upstream is not None:
+                _upstream_failed(state, pool, attempt.upstream, chat.model, "timeout")
             raise UpstreamTimeout("The upstream model server did not answer in time.") from None
-        except ClientError:
-            reached = True
-            _upstream_failed(state, pool, upstream, chat.model, "connection")
-            raise UpstreamError("The upstream model server broke the connection.") from None
-        reached = True
+        upstream = attempt.upstream
+        assert upstream is not None
         metrics.ttft.labels(chat.model).observe(time.perf_counter() - forwarded_at)
         if upstream_response.status >= 500:
             _upstream_failed(state, pool, upstream, chat.model, f"status_{upstream_response.status}")
@@ -170,7 +226,7 @@ async def _forward(
             record_status = await _relay_stream(request, state, ex, chat, upstream_response, relay)
             usage = relay.usage
             ex.status = 200
-            return ex.response  # type: ignore[return-value]
+            return ex.response  # type: ignore[no-any-return]
         try:
             async with asyncio.timeout(max(0.0, timeouts.total - (time.perf_counter() - forwarded_at))):
                 payload = await upstream_response.read()
@@ -184,8 +240,9 @@ async def _forward(
         if upstream_response.status == 200:
             usage, json_estimate = _json_usage(payload)
         record_status = upstream_response.status
-        headers = _returned_headers(upstream_response, grant.headers)
-        return web.Response(status=upstream_response.status, body=payload, headers=headers)
+        return web.Response(
+            status=upstream_response.status, body=payload, headers=_returned_headers(upstream_response, grant.headers)
+        )
     except asyncio.CancelledError:
         record_status = 499
         raise
@@ -196,9 +253,10 @@ async def _forward(
     finally:
         if upstream_response is not None:
             upstream_response.close()
+        attempt.release()
         inflight.dec()
         state.inflight -= 1
-        _settle(state, ex, chat, grant, reached, record_status or 500, usage, relay, json_estimate)
+        _settle(state, ex, chat, grant, attempt.reached, record_status or 500, usage, relay, json_estimate)
 
 
 async def _relay_stream(
@@ -215,6 +273,7 @@ async def _relay_stream(
     loop = asyncio.get_running_loop()
     read = upstream_response.content.readany
     failure: tuple[str, str, int] | None = None
+    state.streams.add(upstream_response)
     try:
         async with asyncio.timeout(None) as deadline:
             first = True
@@ -239,9 +298,14 @@ async def _relay_stream(
         return 499
     except ClientError:
         failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
+    finally:
+        state.streams.discard(upstream_response)
+    if failure is not None and state.drain_expired:
+        failure = ("draining", "The gateway is shutting down; the stream was cut at the end of its grace period.", 503)
     if failure is not None:
         code, message, status = failure
-        state.metrics.upstream_errors.labels(chat.model, "stream_cut" if status == 502 else "idle_timeout").inc()
+        reason = {"upstream_timeout": "idle_timeout", "draining": "drained"}.get(code, "stream_cut")
+        state.metrics.upstream_errors.labels(chat.model, reason).inc()
     try:
         if failure is not None:
             await response.write(b"data: " + error_body(message, "upstream_error", None, code) + b"\n\n")
@@ -298,11 +362,13 @@ def _settle(
         prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
     if prompt is not None and completion is not None:
         source = "upstream"
-    elif relay is not None and relay.events:
+    elif relay is not None:  # the upstream took the stream: its prompt, and each content event relayed
         source, prompt, completion = "estimated", chat.prompt_estimate, relay.content_events
     elif json_estimate is not None:
         source, prompt, completion = "estimated", chat.prompt_estimate, json_estimate
-    else:  # nothing came back: nothing generated that anyone received
+    elif reached and status == 499:  # the client left while the upstream worked on the prompt
+        source, prompt, completion = "estimated", chat.prompt_estimate, 0
+    else:  # an upstream error or nothing came back: nothing generated that anyone received
         source, prompt, completion = "estimated", 0, 0
     ex.prompt_tokens, ex.completion_tokens, ex.usage_source = prompt, completion, source
     keys, args = state.limiter.finish_call(grant, prompt + completion)

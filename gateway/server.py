@@ -20,16 +20,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
 
 from gateway.app import create_admin_app, create_app
-from gateway.config import Settings, with_demo_upstream
+from gateway.config import ConfigError, Settings, with_demo_upstream
 from gateway.logs import configure_logging, flush_logs
-from gateway.state import STATE
+from gateway.state import STATE, AppState
 
 log = structlog.get_logger("liutong.server")
+
+# Settings a SIGHUP cannot change in a running process (listeners, the store, body limit, admin).
+RESTART_ONLY = ("listen", "admin_listen", "redis_url", "store_timeout", "store_max_connections", "max_body_bytes",
+                "admin", "store_outage_policy", "fail_open_share", "concurrency_lease_seconds")  # fmt: skip
 
 
 def install_uvloop() -> None:
@@ -40,7 +46,7 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     async with contextlib.AsyncExitStack() as stack:
         if not settings.models:
             from gateway.mock_upstream import start_mock_upstream
@@ -53,13 +59,20 @@ async def _serve(settings: Settings) -> None:
 
         app = create_app(settings)
         state = app[STATE]
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=2.0,
+            keepalive_timeout=settings.keepalive_timeout,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         reuse_port = os.environ.get(WORKER_ENV) is not None
-        await web.TCPSite(
+        main_site = web.TCPSite(
             runner, settings.listen.host, settings.listen.port, reuse_address=True, reuse_port=reuse_port
-        ).start()
+        )
+        await main_site.start()
         if settings.admin_listen is not None:
             admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
             await admin_runner.setup()
@@ -83,21 +96,62 @@ async def _serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if reload is not None and not settings.demo:
+            loop.add_signal_handler(signal.SIGHUP, lambda: _reload(state, reload))
         await stop.wait()
 
-        log.info("draining", inflight=state.inflight, grace_seconds=settings.drain_grace_seconds)
-        state.draining = True
-        deadline = loop.time() + settings.drain_grace_seconds
-        while state.inflight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await drain(state, main_site, settings.drain_grace_seconds)
     log.info("stopped")
 
 
-def serve(settings: Settings) -> int:
+def _reload(state: AppState, reload: Callable[[], Settings]) -> None:
+    """SIGHUP: re-read the config; apply models, upstreams, timeouts and limits, or keep the old."""
+    try:
+        new = reload()
+    except ConfigError as exc:
+        log.error("reload_rejected", error=str(exc), message="The new config is invalid; the old one stays.")
+        return
+    except Exception as exc:  # never let a reload take the process down
+        log.error("reload_rejected", error=repr(exc), message="The new config is invalid; the old one stays.")
+        return
+    restart_only = [name for name in RESTART_ONLY if getattr(new, name) != getattr(state.settings, name)]
+    if restart_only:
+        log.warning("reload_needs_restart", settings=restart_only, message="These changes apply after a restart.")
+        new = replace(new, **{name: getattr(state.settings, name) for name in restart_only})
+    state.apply_settings(new)
+    log.info("reloaded", models=sorted(new.models))
+
+
+async def drain(state: AppState, site: web.BaseSite, grace: float) -> None:
+    """Stop taking work, let in-flight requests finish for `grace` seconds, then cut the rest.
+
+    `/readyz` answers 503 from the first moment (on the admin listener too); the main listener
+    stops accepting connections; requests arriving on open keep-alive connections get 503
+    `draining`. Streams still open after the grace period end with an SSE error event.
+    """
+    loop = asyncio.get_running_loop()
+    state.draining = True
+    state.metrics.draining.set(1)
+    log.info("draining", inflight=state.inflight, grace_seconds=grace)
+    await site.stop()
+    deadline = loop.time() + grace
+    while state.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if state.inflight:
+        state.drain_expired = True
+        log.warning("drain_grace_over", cutting=len(state.streams), inflight=state.inflight)
+        for upstream_response in list(state.streams):
+            upstream_response.close()
+        cut_deadline = loop.time() + 2.0
+        while state.inflight and loop.time() < cut_deadline:
+            await asyncio.sleep(0.02)
+
+
+def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
     configure_logging(settings.log_level)
     install_uvloop()
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, reload))
     except OSError as exc:
         log.error("cannot_listen", error=str(exc))
         return 1

@@ -17,11 +17,12 @@ from aiohttp import web
 
 from gateway.auth import Authenticator
 from gateway.config import Settings
+from gateway.invalidation import Event, Events
 from gateway.keys import KeyRecord, KeyService
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limiter, OrgLimits, Plan, plan_for
 from gateway.store import Store, org_record
-from gateway.upstream import Pool
+from gateway.upstream import Pool, build_pools
 from gateway.usage import UsageWriter
 
 
@@ -36,15 +37,34 @@ class AppState:
     metrics: Metrics
     pools: dict[str, Pool]
     clock: Callable[[], float]
+    events: Events  # key and org changes: published by the services, heard from other replicas
     session: aiohttp.ClientSession = field(init=False)
     draining: bool = False
+    # The drain's grace period is over: streams still open are ended with an error event.
+    drain_expired: bool = False
+    # Upstream responses of the streams being relayed, so that the drain can end them.
+    streams: set[Any] = field(default_factory=set)
     store_ok: bool = True
     inflight: int = 0
     _orgs: dict[str, tuple[float, OrgLimits | None]] = field(default_factory=dict)
 
+    def apply_settings(self, settings: Settings) -> None:
+        """A reloaded config: new requests see the new models, upstreams, timeouts and limits;
+        requests in flight finish on the pool they started with."""
+        self.settings = settings
+        self.pools = build_pools(settings.models, self.clock)
+        self.metrics.set_models(settings.models)
+
     async def plan_for(self, record: KeyRecord) -> Plan:
         """The buckets for this key: its own limits, and its org's when the org has some."""
         return plan_for(record, self.settings.limits, await self._org_limits(record.org))
+
+    def forget(self, event: Event) -> None:
+        """A key or an org changed (here or on another replica): drop its cached entry."""
+        if event.kind == "key":
+            self.auth.forget(event.id)
+        elif event.kind == "org":
+            self._orgs.pop(event.id, None)
 
     async def _org_limits(self, org: str | None) -> OrgLimits | None:
         if not org:

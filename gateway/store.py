@@ -1,10 +1,11 @@
 """The shared store: a Redis client (or the embedded in-process store) and the Lua scripts.
 
 `open_store(settings)` returns a `Store`: a redis-py asyncio client with explicit timeouts and
-a bounded pool against `redis_url`, or, with no URL, fakeredis running the very same Lua
-scripts in-process (nothing shared, nothing kept across restarts). Scripts are `.lua` files
-shipped with the package, registered once and run with EVALSHA (redis-py reloads them on
-NOSCRIPT). Every Redis key the gateway uses is made here, starting with `liutong:`.
+a bounded pool against `redis_url` (one server, a Cluster or a Sentinel-managed master: see
+`redis_topology.py`), or, with no URL, fakeredis running the very same Lua scripts in-process
+(nothing shared, nothing kept across restarts). Scripts are `.lua` files shipped with the
+package, registered once and run with EVALSHA (redis-py reloads them on NOSCRIPT, on every
+primary of a Cluster). Every Redis key the gateway uses is made here, starting with `liutong:`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+
+from gateway.redis_topology import connect, parse_redis_url
 
 PREFIX = "liutong:"
 
@@ -32,12 +34,13 @@ class Scripts:
 
 @dataclass(frozen=True, slots=True)
 class Store:
-    redis: Any  # redis.asyncio.Redis or fakeredis's FakeRedis: the same interface
+    redis: Any  # redis.asyncio.Redis, RedisCluster or fakeredis's FakeRedis: the same interface
     scripts: Scripts
     embedded: bool
 
     async def load_scripts(self) -> None:
-        """Load every script now, so that the first pipelined EVALSHA finds it."""
+        """Load every script now (on every primary of a Cluster), so that the first pipelined
+        EVALSHA finds it."""
         for script in (self.scripts.acquire, self.scripts.finish, self.scripts.record_usage):
             await self.redis.script_load(script.script)
 
@@ -47,14 +50,7 @@ class Store:
 
 def open_store(redis_url: str | None, *, timeout: float = 0.5, max_connections: int = 64) -> Store:
     if redis_url:
-        client = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=max_connections,
-            health_check_interval=30,
-            decode_responses=False,
-        )
+        client = connect(parse_redis_url(redis_url), timeout=timeout, max_connections=max_connections)
         embedded = False
     else:
         import fakeredis

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hypothesis
 import pytest
 import redis
 from aiohttp import web
@@ -30,6 +31,12 @@ from gateway.mock_upstream import start_mock_upstream
 from gateway.state import STATE, AppState
 
 SEED_MODELS = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
+
+# Generation speed depends on what else the machine runs: never fail a property on slowness.
+hypothesis.settings.register_profile(
+    "liutong", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("liutong")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -204,19 +211,20 @@ class GatewayProcess:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="lt-gw-", suffix=".log", delete=False)
-        self.err = tempfile.NamedTemporaryFile(prefix="lt-gw-", suffix=".err", delete=False)
+        self.log_path = Path(tempfile.mkdtemp(prefix="lt-gw-")) / "stdout.log"
+        self.err_path = self.log_path.with_name("stderr.log")
 
     def start(self, timeout: float = 15.0) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log, stderr=self.err, env=self.env, cwd=REPO,
-        )  # fmt: skip
+        with open(self.log_path, "ab") as out, open(self.err_path, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=out, stderr=err, env=self.env, cwd=REPO,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited: {Path(self.err.name).read_text()}")
+                raise RuntimeError(f"gateway exited: {self.err_path.read_text()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
@@ -234,7 +242,7 @@ class GatewayProcess:
         return code
 
     def logs(self) -> str:
-        return Path(self.log.name).read_text()
+        return self.log_path.read_text()
 
     def stderr(self) -> str:
-        return Path(self.err.name).read_text()
+        return self.err_path.read_text()

@@ -188,3 +188,21 @@ async def test_long_streams_are_not_cut_by_the_total_timeout(make_gateway, http)
     async with http.post(gateway.url + CHAT, json=chat_body(stream=True), headers=headers) as resp:
         events = [e async for _, e in _events(resp)]
     assert events[-1] == b"data: [DONE]\n\n"
+
+
+async def test_a_slow_body_gets_408_and_the_connection_closed(make_gateway, http):
+    gateway = await make_gateway(request_body_timeout=0.5)
+    key, _ = await gateway.create_key()
+
+    async def trickle():
+        yield b'{"model": "crimson-falcon-4", '
+        await asyncio.sleep(3)
+        yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+    started = time.monotonic()
+    async with http.post(gateway.url + CHAT, data=trickle(),
+                         headers={**auth(key), "Content-Type": "application/json"}) as resp:  # fmt: skip
+        assert resp.status == 408
+        body = await resp.json()
+    assert time.monotonic() - started < 2.5
+    assert body["error"]["code"] == "request_timeout"

@@ -1,0 +1,360 @@
+"""The gateway against a real Redis Cluster (3 masters, 3 replicas) and a Sentinel-managed master.
+
+Every Redis here is a `redis-server` started on free loopback ports for this module and stopped
+in its teardown: six cluster nodes joined with `redis-cli --cluster create`, and, for Sentinel,
+a master, a replica and one sentinel. The gateway runs in-process (and, for the shared limit,
+as four `serve` subprocesses) against `redis+cluster://` and `redis+sentinel://` URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import Limits
+from gateway.redis_topology import parse_redis_url
+from gateway.state import STATE
+from gateway.store import USAGE_STREAM, concurrency_set, key_bucket, limit_tag
+from tests.conftest import Gateway, auth, chat_body, gateway_settings
+from tests.test_replicas import Replicas, burst, refilled
+
+pytestmark = pytest.mark.integration
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+if REDIS_SERVER is None or REDIS_CLI is None:  # pragma: no cover - scripts/test.sh installs them
+    pytest.skip("redis-server and redis-cli are needed", allow_module_level=True)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all held open at once while they are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def _wait(predicate: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except redis.exceptions.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Processes:
+    """`redis-server` processes started by this module, each stopped (and waited for) in teardown."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="lt-redis-topology-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        assert REDIS_SERVER is not None
+        proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def server(self, port: int, *extra: str) -> None:
+        self.spawn("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning", *extra)  # fmt: skip
+        _wait(lambda: redis.Redis(port=port, socket_timeout=0.2).ping(), f"redis-server on {port}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LocalCluster:
+    """Six cluster nodes (3 masters with a replica each) on free ports."""
+
+    def __init__(self, processes: Processes) -> None:
+        ports = free_ports(12)
+        self.ports, bus_ports = ports[:6], ports[6:]
+        for port, bus in zip(self.ports, bus_ports, strict=True):
+            processes.server(port, "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                             "--cluster-config-file", str(processes.dir / f"nodes-{port}.conf"),
+                             "--cluster-node-timeout", "2000")  # fmt: skip
+        assert REDIS_CLI is not None
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+        def converged() -> bool:
+            for client in self.clients():
+                info = client.cluster("info")
+                if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) != 6:
+                    return False
+            return True
+
+        _wait(converged, "cluster_state:ok on every node", timeout=30)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+
+    def clients(self) -> list[redis.Redis]:
+        return [redis.Redis(port=p, socket_timeout=2) for p in self.ports]
+
+    def primaries(self) -> list[redis.Redis]:
+        return [c for c in self.clients() if c.info("replication")["role"] == "master"]
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.ports[0])
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Processes]:
+    processes = Processes()
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(topology: Processes) -> LocalCluster:
+    return LocalCluster(topology)
+
+
+@pytest.fixture
+def cluster_url(cluster: LocalCluster) -> str:
+    for client in cluster.primaries():
+        client.flushall()
+        client.script_flush()
+    return cluster.url
+
+
+@pytest.fixture
+async def start_gateway(mock_upstream: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """`await start_gateway(redis_url, **settings)`: a gateway in-process on port 0."""
+    runners: list[web.AppRunner] = []
+
+    async def start(redis_url: str, **overrides: Any) -> Gateway:
+        overrides.setdefault("usage_spool_path", str(tmp_path / f"usage-{len(runners)}.spool"))
+        app = create_app(gateway_settings(mock_upstream, redis_url, **overrides))
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return Gateway(f"http://127.0.0.1:{runner.addresses[0][1]}", app[STATE], mock_upstream)
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+async def _chat(http: aiohttp.ClientSession, gw: Gateway, key: str, **extra: Any) -> tuple[int, bytes]:
+    headers = {**auth(key), **extra.pop("headers", {})}
+    async with http.post(gw.url + "/v1/chat/completions", json=chat_body(**extra), headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+# --- URL forms -------------------------------------------------------------------------------
+
+
+def test_redis_url_forms() -> None:
+    t = parse_redis_url("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2,[::1]:7002")
+    assert (t.mode, t.nodes, t.username, t.password) == (
+        "cluster", (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002)), "u", "p@ss")
+    assert "p@ss" not in repr(t) and "p@ss" not in t.describe()
+    t = parse_redis_url("rediss+sentinel://:pw@s1:26379,s2/mymaster/2?sentinel_password=x")
+    assert (t.mode, t.tls, t.service, t.db, t.nodes[1]) == ("sentinel", True, "mymaster", 2, ("s2", 26379))
+    assert dict(t.options) == {"sentinel_password": "x"}
+    assert parse_redis_url("redis://h:1/0").mode == "standalone"
+    for bad in ("redis+cluster://", "redis+cluster://h:1/3", "redis+sentinel://h:1", "redis+sentinel://h:1/m/x",
+                "redis+cluster://h:99999", "redis+cluster://h:1?db=2", "memcached://h:1", "redis+sentinel://h/m/1/2"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+
+
+# --- Cluster ---------------------------------------------------------------------------------
+
+
+async def test_keys_requests_and_usage_on_a_cluster(
+    start_gateway: Any, cluster: LocalCluster, cluster_url: str, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(cluster_url)
+    key, record = await gw.create_key("on-cluster", org="acme")
+    assert [r.key_id for r in await gw.state.keys.list()] == [record.key_id]
+    async with http.get(gw.url + "/v1/models", headers=auth(key)) as resp:
+        assert resp.status == 200
+    status, body = await _chat(http, gw, key, headers={"x-mock-tokens": "7"})
+    assert status == 200 and b'"completion_tokens":7' in body.replace(b" ", b"")
+    status, body = await _chat(http, gw, key, stream=True, stream_options={"include_usage": True})
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    status, _ = await _chat(http, gw, "lt_" + "x" * 40)
+    assert status == 401
+    await gw.settled()
+
+    client = cluster.client()
+    try:
+        records = [fields for _, fields in client.xrange(USAGE_STREAM)]
+        assert [(r[b"key_id"], r[b"stream"], r[b"status"]) for r in records] == [
+            (record.key_id.encode(), b"0", b"200"), (record.key_id.encode(), b"1", b"200")]  # fmt: skip
+        assert records[0][b"completion_tokens"] == b"7"
+        # Every lease was released: the concurrency set (on the key's slot) is empty.
+        assert client.zcard(concurrency_set(limit_tag(record.key_id, "acme"), record.key_id)) == 0
+        # The data really is spread over the masters: the key record and the usage stream live
+        # on different slots, each on the master that owns it.
+        slots = {client.keyslot(k) for k in (USAGE_STREAM, f"liutong:key:{record.digest}")}
+        assert len(slots) == 2
+    finally:
+        client.close()
+
+
+async def test_rate_limit_is_exact_on_a_cluster(start_gateway: Any, cluster_url: str, http: aiohttp.ClientSession) -> None:
+    gw = await start_gateway(cluster_url, limits=Limits(rpm=10_000, tpm=10_000_000, max_concurrent=0))
+    key, _ = await gw.create_key("limited", rpm=30)
+    statuses = await asyncio.gather(*(_chat(http, gw, key) for _ in range(50)))
+    codes = sorted(s for s, _ in statuses)
+    assert codes.count(200) == 30 and codes.count(429) == 20, codes
+
+
+async def test_noscript_on_every_node_is_handled(
+    start_gateway: Any, cluster: LocalCluster, cluster_url: str, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(cluster_url)
+    key, record = await gw.create_key("noscript")
+    assert (await _chat(http, gw, key))[0] == 200
+
+    def flush_scripts() -> None:
+        for node in cluster.clients():
+            node.script_flush()
+            node.close()
+
+    # Flushed between requests: the next EVALSHA of acquire.lua gets NOSCRIPT and reloads.
+    flush_scripts()
+    assert (await _chat(http, gw, key))[0] == 200
+    # Flushed while a stream is in flight: its settlement (finish.lua + record_usage.lua, pipelined
+    # by the usage writer) gets NOSCRIPT and is retried after the reload.
+    slow = asyncio.create_task(_chat(http, gw, key, stream=True, headers={"x-mock-interval-ms": "50", "x-mock-tokens": "6"}))
+    await asyncio.sleep(0.15)
+    flush_scripts()
+    status, body = await slow
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    await gw.settled()
+    client = cluster.client()
+    try:
+        records = [f for _, f in client.xrange(USAGE_STREAM) if f[b"key_id"] == record.key_id.encode()]
+        assert len(records) == 3
+        assert client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
+    finally:
+        client.close()
+
+
+async def test_four_replicas_share_one_limit_on_a_cluster(
+    tmp_path: Path, mock_upstream: str, cluster: LocalCluster, cluster_url: str
+) -> None:
+    async with Replicas(tmp_path, cluster_url, mock_upstream, count=4) as replicas:
+        key, record = await replicas.create_key(rpm=120)
+        primaries = cluster.primaries()
+        client = cluster.client()
+        try:
+            statuses, released = await burst(replicas.urls, key, 400, primaries)
+            bucket = client.hgetall(key_bucket(limit_tag(record.key_id, None), record.key_id, "rpm"))
+        finally:
+            client.close()
+            for node in primaries:
+                node.close()
+    admitted = statuses.count(200)
+    assert statuses.count(429) == 400 - admitted, sorted(set(statuses))
+    extra = refilled(120, released, bucket)
+    assert admitted == 120, f"admitted {admitted}; tokens that could have refilled meanwhile: {extra}"
+
+
+# --- Sentinel --------------------------------------------------------------------------------
+
+
+class LocalSentinel:
+    """A master, its replica and one sentinel watching them (quorum 1) on free ports."""
+
+    SERVICE = "lt-master"
+
+    def __init__(self, processes: Processes) -> None:
+        self.master, self.replica, self.sentinel = free_ports(3)
+        processes.server(self.master)
+        processes.server(self.replica, "--replicaof", "127.0.0.1", str(self.master))
+        config = processes.dir / "sentinel.conf"
+        config.write_text(
+            f"port {self.sentinel}\nbind 127.0.0.1\ndir {processes.dir}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+            f"sentinel failover-timeout {self.SERVICE} 3000\n"
+        )
+        processes.spawn(str(config), "--sentinel")
+        sentinel = redis.Redis(port=self.sentinel, socket_timeout=0.5)
+        _wait(lambda: sentinel.execute_command("SENTINEL", "REPLICAS", self.SERVICE), "the sentinel to see the replica")
+        _wait(lambda: redis.Redis(port=self.replica).info("replication")["master_link_status"] == "up", "replication")
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel}/{self.SERVICE}/0"
+
+    def master_port(self) -> int:
+        host, port = redis.Redis(port=self.sentinel).sentinel_get_master_addr_by_name(self.SERVICE)
+        return int(port)
+
+
+@pytest.fixture(scope="module")
+def sentinel(topology: Processes) -> LocalSentinel:
+    return LocalSentinel(topology)
+
+
+async def test_gateway_finds_the_master_through_sentinel_and_follows_a_failover(
+    start_gateway: Any, sentinel: LocalSentinel, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(sentinel.url, key_cache_ttl=0.05)
+    key, record = await gw.create_key("via-sentinel")
+    assert (await _chat(http, gw, key))[0] == 200
+    await gw.settled()
+    master = redis.Redis(port=sentinel.master)
+    assert master.exists(f"liutong:key:{record.digest}") and master.xlen(USAGE_STREAM) == 1
+
+    # Fail over to the replica, and wait until the old master has become its replica (writes
+    # that reach the old master before that are lost with it, as with any Sentinel failover).
+    redis.Redis(port=sentinel.sentinel).execute_command("SENTINEL", "FAILOVER", sentinel.SERVICE)
+    _wait(lambda: sentinel.master_port() == sentinel.replica, "the failover", timeout=20)
+    _wait(lambda: master.info("replication").get("master_link_status") == "up", "the old master to follow", timeout=20)
+    # The gateway's connections to the old master now get READONLY: it asks the sentinel again,
+    # and on the new master (whose script cache is empty) reloads the scripts on NOSCRIPT.
+    for _ in range(3):
+        assert (await _chat(http, gw, key))[0] == 200
+    await gw.settled()
+    new_master = redis.Redis(port=sentinel.replica)
+    t0 = time.monotonic()
+    while new_master.xlen(USAGE_STREAM) < 4 and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.05)
+    print("took", time.monotonic() - t0, new_master.xlen(USAGE_STREAM), master.xlen(USAGE_STREAM), master.info("replication")["role"])
+    assert new_master.xlen(USAGE_STREAM) == 4
