@@ -11,7 +11,6 @@ request path: the first checkout is the baseline, the table gives medians and ra
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any

@@ -1,7 +1,9 @@
 """Profile a running process with py-spy and summarise where its CPU time goes.
 
-`record(pid, seconds, out)` samples the process (py-spy's raw "collapsed stacks" format, idle
-threads left out, so the shares are of busy time) while the caller drives load; `summarise`
+`record(pid, seconds, out)` samples the process (py-spy's raw "collapsed stacks" format) while
+the caller drives load, keeping only samples of the thread that holds the GIL: the shares are
+of the Python process's CPU time, not of threads that merely wait (the log writer, an
+executor's idle workers, which a sampler otherwise counts as busy whenever they are runnable); `summarise`
 reads the stacks back into the top functions by own time ("self": the innermost Python frame,
 which includes the C code it called) and by time spent inside them ("total"), and the own time
 of each package (gateway, aiohttp, redis, prometheus_client, structlog, asyncio, ...).
@@ -32,7 +34,7 @@ class Summary:
 def record(pid: int, seconds: float, out: Path, *, py_spy: str, rate: int = 200) -> subprocess.Popen[bytes]:
     """Start py-spy on `pid` (and its child processes) for `seconds`; the caller waits on it."""
     argv = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
-            "--format", "raw", "--nolineno", "--full-filenames", "--subprocesses", "--output", str(out)]  # fmt: skip
+            "--format", "raw", "--nolineno", "--full-filenames", "--subprocesses", "--gil", "--output", str(out)]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
@@ -87,20 +89,21 @@ def summarise(path: Path, top: int = 15) -> Summary:
     def share(counter: Counter[str], n: int) -> list[tuple[float, str]]:
         return [(100.0 * c / samples, name) for name, c in counter.most_common(n)] if samples else []
 
-    return Summary(samples, share(own, top), share(inside, top), share(packages, 12))
+    return Summary(samples, share(own, top), share(inside, top + 25), share(packages, 12))
 
 
 def render(summary: Summary, title: str) -> str:
-    lines = [f"**{title}** — {summary.samples} busy samples", ""]
+    lines = [f"**{title}** — {summary.samples} samples holding the GIL", ""]
     if not summary.samples:
         return "\n".join([*lines, "(no samples: the profiler could not attach)", ""])
     lines += ["| own time | function (file) |", "|---:|---|"]
     lines += [f"| {pct:.1f} % | `{name}` |" for pct, name in summary.self_top]
     lines += ["", "| own time | package |", "|---:|---|"]
     lines += [f"| {pct:.1f} % | {name} |" for pct, name in summary.packages]
-    inclusive = [(p, n) for p, n in summary.total_top if not n.startswith(("<module>", "run ", "_run_once", "run_forever"))]
+    # The frames every sample passes through (the event loop, the middleware chain) say nothing.
+    inclusive = [(p, n) for p, n in summary.total_top if p < 60.0]
     lines += ["", "| in it (inclusive) | function (file) |", "|---:|---|"]
-    lines += [f"| {pct:.1f} % | `{name}` |" for pct, name in inclusive[:12]]
+    lines += [f"| {pct:.1f} % | `{name}` |" for pct, name in inclusive[:15]]
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -64,7 +65,7 @@ class Plan:
     warmup_seconds: int
 
 
-FULL = Plan(repeats=3, throughput_seconds=10, latency_seconds=8, rate_seconds=10, sse_small_rounds=3,
+FULL = Plan(repeats=3, throughput_seconds=8, latency_seconds=6, rate_seconds=10, sse_small_rounds=3,
             sse_large_rounds=2, profile_seconds=12, warmup_seconds=3)  # fmt: skip
 QUICK = Plan(repeats=1, throughput_seconds=5, latency_seconds=4, rate_seconds=5, sse_small_rounds=1,
              sse_large_rounds=1, profile_seconds=6, warmup_seconds=1)  # fmt: skip
@@ -378,7 +379,7 @@ def run_profiles(b: Bench, log: Callable[[str], None]) -> dict[str, str]:
         ("passthrough_json", "pass_json", lambda: b.wrk(b.url("passthrough", False), 64, seconds + 2)),
     ]
     for name, service, load in jobs:
-        raw = out_dir / f"profile-{name}.raw"
+        raw = out_dir / f"profile-{re.sub(r'[^A-Za-z0-9_.-]+', '-', b.args.label)[:60]}-{name}.raw"
         raw.unlink(missing_ok=True)
         spy = profile.record(b.services[service].pid, seconds, raw, py_spy=b.py_spy)
         time.sleep(0.5)
@@ -396,23 +397,30 @@ def run_profiles(b: Bench, log: Callable[[str], None]) -> dict[str, str]:
     return rendered
 
 
-def workers_scaling(b: Bench, one_worker_rps: float | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """2-worker vs 1-worker throughput, when `serve --workers` exists."""
+def workers_scaling(b: Bench, log: Callable[[str], None]) -> dict[str, Any]:
+    """One worker (core 0) against `serve --workers 2` (cores 0 and 1), interleaved, when
+    `serve --workers` exists."""
     help_argv, env, cwd = b.gateway_cmd("serve", "--help")
     shown = subprocess.run(help_argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
     if "--workers" not in shown.stdout:
         return {"status": "not measured: --workers not available (`liutong-gateway serve --help` has no --workers)"}
-    port = free_port()
-    argv, env, cwd = b.gateway_argv(b.config, port, "--workers", "2")
-    gw2 = b.start("gateway_2w", argv, f"{PROXY_CORE},{OTHER_CORE}", env=env, cwd=cwd)
-    b.ports["gateway_2w"] = port
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    gw2.wait_http(f"http://127.0.0.1:{port}/readyz")
-    b.wrk(url, 64, b.plan.warmup_seconds)
-    runs = [b.observe(gw2.pid, lambda: b.wrk(url, 64, b.plan.throughput_seconds)) for _ in range(b.plan.repeats)]
-    gw2.stop()
-    log("  2 workers: " + ", ".join(f"{r['rps']:.0f}" for r in runs) + " req/s")
-    return {"status": "measured", "runs": runs, "one_worker_rps": one_worker_rps}
+    for name, cores, extra in (("gateway_1w", PROXY_CORE, ()), ("gateway_2w", f"{PROXY_CORE},{OTHER_CORE}", ("--workers", "2"))):
+        b.ports[name] = free_port()
+        argv, env, cwd = b.gateway_argv(b.config, b.ports[name], *extra)
+        b.start(name, argv, cores, env=env, cwd=cwd)
+    for name in ("gateway_1w", "gateway_2w"):
+        b.services[name].wait_http(f"http://127.0.0.1:{b.ports[name]}/readyz")
+        b.wrk(b.url(name, False), 64, b.plan.warmup_seconds)
+    runs: dict[str, list[dict[str, Any]]] = {"gateway_1w": [], "gateway_2w": []}
+    for r in range(b.plan.repeats):
+        for name in (("gateway_1w", "gateway_2w") if r % 2 == 0 else ("gateway_2w", "gateway_1w")):
+            pid = b.services[name].pid
+            runs[name].append(b.observe(pid, lambda n=name: b.wrk(b.url(n, False), 64, b.plan.throughput_seconds)))
+    for name in runs:
+        b.services[name].stop()
+    log("  1 worker: " + ", ".join(f"{r['rps']:.0f}" for r in runs["gateway_1w"]) + " req/s; 2 workers: "
+        + ", ".join(f"{r['rps']:.0f}" for r in runs["gateway_2w"]) + " req/s")  # fmt: skip
+    return {"status": "measured", "one": runs["gateway_1w"], "two": runs["gateway_2w"], "cores": os.cpu_count() or 0}
 
 
 def usage_check(b: Bench) -> dict[str, Any]:
@@ -431,7 +439,7 @@ def usage_check(b: Bench) -> dict[str, Any]:
 def log_problems(b: Bench) -> list[str]:
     """The gateway's warning and error log events, counted by event and error."""
     counts: dict[str, int] = {}
-    for name in ("gateway", "gateway_2w"):
+    for name in ("gateway", "gateway_1w", "gateway_2w"):
         path = b.dir / f"{name}.log"
         if not path.exists():
             continue
@@ -447,8 +455,10 @@ def log_problems(b: Bench) -> list[str]:
                     continue
                 if not isinstance(event, dict) or event.get("level") not in ("warning", "error", "critical"):
                     continue
-                what = f"{name}: {event.get('level')} `{event.get('event')}`" + (
-                    f" ({event['error']})" if event.get("error") else "")
+                detail = event.get("error") or str(event.get("exception") or "").strip().splitlines()[-1:] or ""
+                if isinstance(detail, list):
+                    detail = detail[0] if detail else ""
+                what = f"{name}: {event.get('level')} `{event.get('event')}`" + (f" ({str(detail)[:200]})" if detail else "")
                 counts[what] = counts.get(what, 0) + 1
     return [f"{what} × {n}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1])[:12]]
 
@@ -485,6 +495,15 @@ def machine() -> dict[str, str]:
     }
 
 
+def export_revision(rev: str, into: Path) -> Path:
+    """`git archive REV` unpacked under `into`: that revision's files, untouched by edits in progress."""
+    target = into / "gateway-src"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True, timeout=120)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True, timeout=120)
+    return target
+
+
 def pin_and_prioritise(nice: int) -> None:
     """This script and everything it starts: core 1 unless told otherwise, and `nice` priority
     (inherited), so that other processes on the machine (test suites) take less of the cores."""
@@ -505,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--gateway-bin", type=Path, default=REPO / ".venv/bin/liutong-gateway")
     parser.add_argument("--gateway-src", type=Path, help="run `python -m gateway` from this checkout instead")
+    parser.add_argument("--gateway-rev", help="measure this git revision (e.g. HEAD: the committed code, "
+                        "without uncommitted edits), exported with `git archive` to a temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     parser.add_argument("--nice", type=int, default=-10,
                         help="priority of everything the benchmark runs (default -10; 0 to share equally)")
@@ -525,7 +546,14 @@ def main(argv: list[str] | None = None) -> int:
 
     b = Bench(args, plan, tools, py_spy)
     info = machine()
-    if args.gateway_src:
+    if args.gateway_rev:
+        if args.gateway_src:
+            parser.error("--gateway-rev and --gateway-src exclude each other")
+        args.gateway_src = export_revision(args.gateway_rev, b.dir)
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.gateway_rev], capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
+        info["commit"] = f"{rev} (`--gateway-rev {args.gateway_rev}`: committed code only)"
+    elif args.gateway_src:
         info["commit"] = f"gateway from {args.gateway_src} (PYTHONPATH); bench at {info['commit']}"
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -537,9 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         profiles = run_profiles(b, log)
         log("usage records check")
         usage = usage_check(b)
-        one = report.median_of(results["throughput"]["gateway"], "rps")
         log("workers scaling")
-        workers = workers_scaling(b, one, log)
+        workers = workers_scaling(b, log)
         b.warnings += [f"gateway log: {p}" for p in log_problems(b)]
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     elapsed = time.monotonic() - started

@@ -313,7 +313,9 @@ async def create_org(request: web.Request) -> web.Response:
     org = _org(body["org"], "org")
     assert org is not None
     try:
-        record = await _orgs(request).create(org, rpm=_limit(body.get("rpm"), "rpm"), tpm=_limit(body.get("tpm"), "tpm"))
+        record = await _orgs(request).create(
+            org, rpm=_limit(body.get("rpm"), "rpm"), tpm=_limit(body.get("tpm"), "tpm")
+        )
     except OrgExists:
         raise Conflict(f"Org {org!r} exists already; change its limits with PATCH.", code="org_exists",
                        param="org") from None  # fmt: skip

@@ -9,6 +9,7 @@ too (briefly), so that a flood of bad keys does not become a flood of store read
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class Authenticator:
         self._ttl = ttl
         self._stale_ttl = stale_ttl
         self._cache: dict[str, _Entry] = {}
+        self._reads: dict[str, asyncio.Future[_Entry]] = {}
 
     async def authenticate(self, header: str | None) -> KeyRecord:
         if not header:
@@ -48,7 +50,13 @@ class Authenticator:
         now = self._clock()
         entry = self._cache.get(key_digest)
         if entry is None or (now - entry.fetched_at >= self._ttl and now >= entry.retry_at):
-            entry = await self._refresh(key_digest, entry, now)
+            # Concurrent requests for one key share a single store read.
+            pending = self._reads.get(key_digest)
+            if pending is None:
+                pending = asyncio.ensure_future(self._refresh(key_digest, entry, now))
+                self._reads[key_digest] = pending
+                pending.add_done_callback(lambda _: self._reads.pop(key_digest, None))
+            entry = await asyncio.shield(pending)
         record = entry.record
         # The store looked the key up by digest; compare again in constant time all the same.
         if record is None or not hmac.compare_digest(record.digest, key_digest):

@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
@@ -26,6 +25,7 @@ from gateway import usage_cli
 from gateway.config import ConfigError, Listen, Settings, load_settings
 from gateway.keys import KeyNotFound, KeyRecord, KeyRevoked, KeyService
 from gateway.orgs import OrgExists, OrgNotFound, OrgRecord, OrgService, valid_org
+from gateway.redis_topology import parse_redis_url
 from gateway.store import open_store
 
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -65,8 +65,10 @@ def port(text: str) -> int:
 
 
 def redis_url(text: str) -> str:
-    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise argparse.ArgumentTypeError(f"expected redis://, rediss:// or unix://, got {text!r}")
+    try:
+        parse_redis_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -18,6 +18,7 @@ import yaml
 from gateway.redis_topology import parse_redis_url
 
 SEED_MODELS = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
+DEFAULT_SPOOL_PATH = "liutong-usage.spool"  # in the working directory (/var/lib/liutong in the image)
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,21 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerJwt:
+    """A short-lived JWT the gateway signs for each request to a model's upstreams, in `header`:
+    who is calling (key_id, org, model, request_id) without the `lt_` key (see `caller_jwt.py`)."""
+
+    algorithm: str
+    secret: str | None = field(default=None, repr=False)  # HS*
+    private_key: str | None = field(default=None, repr=False)  # PEM, RS* / PS* / ES*
+    header: str = "x-liutong-caller"
+    ttl: float = 60.0
+    issuer: str = "liutong-gateway"
+    audience: str | None = None  # None: the model id
+    key_id: str | None = None  # sent as the token's `kid`
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     name: str
     upstreams: tuple[str, ...]
@@ -70,6 +86,7 @@ class ModelRoute:
     weights: tuple[int, ...] = ()  # per upstream, default 1
     max_connections: tuple[int, ...] = ()  # requests in flight per upstream, default 0 = no limit
     health_check: HealthCheck | None = None
+    caller_jwt: CallerJwt | None = None
 
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
@@ -133,7 +150,9 @@ class Settings:
     log_level: str = "info"
     # Usage records wait in this append-only file while the store is unreachable (relative to
     # the working directory; None or "off": in memory only, lost on exit). See `spool.py`.
-    usage_spool_path: str | None = "liutong-usage.spool"
+    # The config file and LIUTONG_* default it to DEFAULT_SPOOL_PATH; settings built in code
+    # (tests) have none, so that no test adopts a spool another test left in the directory.
+    usage_spool_path: str | None = None
     # `always` (fsync every append), `interval` (every `usage_spool_fsync_interval` s), `never`.
     usage_spool_fsync: str = "interval"
     usage_spool_fsync_interval: float = 1.0
@@ -356,7 +375,7 @@ def _models(raw: Any, default_timeouts: Timeouts) -> dict[str, ModelRoute]:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{name}: a model id must be a non-empty string")
         spec = _mapping(spec, name)
-        _known(spec, {"upstreams", "timeouts", "api_key", "health_check"}, name)
+        _known(spec, {"upstreams", "timeouts", "api_key", "health_check", "caller_jwt"}, name)
         ups = spec.get("upstreams")
         if not isinstance(ups, list) or not ups:
             raise ConfigError(f"{name}.upstreams: expected a non-empty list of URLs")
@@ -382,8 +401,60 @@ def _models(raw: Any, default_timeouts: Timeouts) -> dict[str, ModelRoute]:
             weights=tuple(weights),
             max_connections=tuple(limits),
             health_check=_health_check(check, f"{name}.health_check") if check is not None else None,
+            caller_jwt=_caller_jwt(spec["caller_jwt"], f"{name}.caller_jwt") if spec.get("caller_jwt") else None,
         )
     return routes
+
+
+def _caller_jwt(raw: Any, name: str) -> CallerJwt:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    section = _mapping(raw, name)
+    _known(section, {"algorithm", "secret", "private_key", "private_key_file", "header", "ttl", "issuer",
+                     "audience", "key_id"}, name)  # fmt: skip
+    algorithm = section.get("algorithm", "HS256" if section.get("secret") is not None else "ES256")
+    if algorithm not in JWT_ALGORITHMS:
+        raise ConfigError(f"{name}.algorithm: {algorithm!r} is not one of {', '.join(JWT_ALGORITHMS)}")
+    secret = private_key = None
+    if algorithm.startswith("HS"):
+        secret = _str(section.get("secret"), f"{name}.secret")
+        if len(secret.encode()) < int(algorithm[2:]) // 8:
+            raise ConfigError(f"{name}.secret: {algorithm} needs a secret of at least {int(algorithm[2:]) // 8} bytes")
+    else:
+        private_key = section.get("private_key")
+        if section.get("private_key_file") is not None:
+            path = _str(section["private_key_file"], f"{name}.private_key_file")
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    private_key = fh.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{name}.private_key_file: cannot read {path} ({exc})") from None
+        from_file = section.get("private_key_file") is not None
+        field_name = f"{name}.private_key_file" if from_file else f"{name}.private_key"
+        private_key = _str(private_key, field_name)
+        try:
+            key = load_pem_private_key(private_key.encode(), password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{field_name}: not an unencrypted PEM private key") from None
+        wanted = ec.EllipticCurvePrivateKey if algorithm.startswith("ES") else rsa.RSAPrivateKey
+        if not isinstance(key, wanted):
+            raise ConfigError(f"{field_name}: {algorithm} needs an {'EC' if algorithm.startswith('ES') else 'RSA'} key")
+    header = _str(section.get("header", "x-liutong-caller"), f"{name}.header")
+    if header.lower() in ("authorization", "host", "content-type", "content-length", "x-request-id"):
+        raise ConfigError(f"{name}.header: {header!r} is a header the gateway sets itself")
+    ttl = _float(section.get("ttl", 60.0), f"{name}.ttl")
+    audience, key_id = section.get("audience"), section.get("key_id")
+    return CallerJwt(
+        algorithm=algorithm,
+        secret=secret,
+        private_key=private_key,
+        header=header,
+        ttl=ttl,
+        issuer=_str(section.get("issuer", "liutong-gateway"), f"{name}.issuer"),
+        audience=_str(audience, f"{name}.audience") if audience is not None else None,
+        key_id=_str(key_id, f"{name}.key_id") if key_id is not None else None,
+    )
 
 
 def _health_check(raw: Any, name: str) -> HealthCheck:
@@ -521,7 +592,7 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {log_level!r}")
     admin = tree.get("admin_listen")
-    spool_path = tree.get("usage_spool_path", defaults.usage_spool_path)
+    spool_path = tree.get("usage_spool_path", DEFAULT_SPOOL_PATH)
     if spool_path is not None:
         spool_path = _str(spool_path, "usage_spool_path")
     fsync = tree.get("usage_spool_fsync", defaults.usage_spool_fsync)

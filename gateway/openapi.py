@@ -52,7 +52,8 @@ _LIMIT_FIELDS = {
     "max_concurrent": _NULLABLE_INT,
 }
 _EXPIRY_FIELDS = {
-    "expires_in": {"type": "number", "exclusiveMinimum": 0, "maximum": _MAX_SECONDS, "description": "Seconds from now."},
+    "expires_in": {"type": "number", "exclusiveMinimum": 0, "maximum": _MAX_SECONDS,
+                   "description": "Seconds from now."},
     "expires_at": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": _MAX_SECONDS,
                    "description": "Unix seconds; null = never."},
 }
@@ -209,8 +210,8 @@ def document() -> dict[str, Any]:
                 },
             }},  # fmt: skip
             "/admin/keys": {
-                "get": _operation("listKeys", "List keys, oldest first", "viewer", ("200", "KeyList", "A page of keys."),
-                                  errors=("400",), parameters=[
+                "get": _operation("listKeys", "List keys, oldest first", "viewer",
+                                  ("200", "KeyList", "A page of keys."), errors=("400",), parameters=[
                     _query("org", {"type": "string"}, "Only the keys of this org."),
                     _query("name", {"type": "string"}, "Only the keys with exactly this name."),
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},

@@ -105,7 +105,13 @@ class OrgService:
         unknown = set(changes) - {"rpm", "tpm"}
         if unknown:
             raise TypeError(f"unknown org fields: {sorted(unknown)}")
-        record = replace(await self.get(org), **changes, updated_at=time.time() if now is None else now)
+        current = await self.get(org)
+        record = replace(
+            current,
+            rpm=changes.get("rpm", current.rpm),
+            tpm=changes.get("tpm", current.tpm),
+            updated_at=time.time() if now is None else now,
+        )
         fields = record.to_hash()
         await self._redis.hset(names.org_record(org), mapping={k: fields[k] for k in (*changes, "updated_at")})
         await self._events.org_changed(org)

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
 from multidict import CIMultiDict
 
+from gateway.caller_jwt import caller_header
 from gateway.errors import (
     BadRequest,
     RequestTimeout,
@@ -203,6 +204,10 @@ async def _forward(
     ex.forwarded_at = forwarded_at = time.perf_counter()
     try:
         headers = upstream_headers(request, ex.request_id, pool.route.api_key)
+        if pool.route.caller_jwt is not None:  # who is calling, signed, instead of the client's key
+            name, token = caller_header(pool.route.caller_jwt, key_id=ex.key_id or "", org=ex.org,
+                                        model=chat.model, request_id=ex.request_id)  # fmt: skip
+            headers[name] = token
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 upstream_response = await _open_upstream(

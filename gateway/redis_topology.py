@@ -30,8 +30,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import MaxConnectionsError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, SlotNotCoveredError
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 
@@ -135,6 +138,12 @@ def parse_redis_url(url: str) -> RedisTarget:
 _HOLDING_TURN: ContextVar[bool] = ContextVar("liutong_redis_turn", default=False)
 
 
+class ClusterUnreachable(RedisConnectionError):
+    """No node of the Cluster answered, or none serves a slot (a failover in progress). redis-py
+    raises these as `RedisClusterException`, which is not a `RedisError`; as a `ConnectionError`
+    they are what they are to the gateway: a store outage (503, or the `fail_open` policy)."""
+
+
 class _BoundedCluster(RedisCluster):
     """A RedisCluster with at most `limit` commands (or pipelines) in flight in this process: the
     next waits up to `wait` seconds for a turn, as with a blocking connection pool. (redis-py's
@@ -162,14 +171,23 @@ class _BoundedCluster(RedisCluster):
             _HOLDING_TURN.reset(token)
             self._turns.release()
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:  # no startup node reachable, or slots not covered
+            raise ClusterUnreachable(str(exc)) from exc
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.turn():
-            return await super().execute_command(*args, **kwargs)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except SlotNotCoveredError as exc:
+                raise ClusterUnreachable(str(exc)) from exc
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
             return super().pipeline(transaction, shard_hint)  # raises: no shard hints on a cluster
-        return _BoundedClusterPipeline(self, transaction)
+        return _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]
 
 
 class _BoundedClusterPipeline(ClusterPipeline):
@@ -182,28 +200,31 @@ class _BoundedClusterPipeline(ClusterPipeline):
         # that slot like any keyed command (and keys that did span slots fail the whole
         # pipeline at `execute`, before anything is sent). NOSCRIPT comes back as the call's
         # result; the caller reloads the scripts (`Store.load_scripts`) and retries.
-        return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)  # type: ignore[no-any-return]
+        return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = self.cluster_client
         assert isinstance(client, _BoundedCluster)
         async with client.turn():
-            return await super().execute(raise_on_error, allow_redirections)
+            try:
+                return await super().execute(raise_on_error, allow_redirections)
+            except SlotNotCoveredError as exc:
+                raise ClusterUnreachable(str(exc)) from exc
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):  # type: ignore[misc]
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """The master's pool, found through Sentinel, whose callers wait for a free connection."""
 
 
 class _SentinelMaster(aioredis.Redis):
     """The master's client; closing it closes the clients of the sentinels it asks too."""
 
-    sentinel: Sentinel | None = None
+    sentinel_manager: Sentinel | None = None  # (not `sentinel`: that is the SENTINEL command)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)
-        if self.sentinel is not None:
-            await self.sentinel.aclose()
+        if self.sentinel_manager is not None:
+            await self.sentinel_manager.aclose()
 
 
 def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
@@ -221,7 +242,7 @@ def _sentinel_master(target: RedisTarget, sentinel_timeout: float, **kwargs: Any
     if options.get("sentinel_password"):
         sentinel_kwargs["password"] = options["sentinel_password"]
     sentinel_kwargs.update(_tls_kwargs(target))
-    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(
         target.service,
         redis_class=_SentinelMaster,
@@ -232,7 +253,7 @@ def _sentinel_master(target: RedisTarget, sentinel_timeout: float, **kwargs: Any
         **kwargs,
     )
     assert isinstance(client, _SentinelMaster)
-    client.sentinel = sentinel
+    client.sentinel_manager = sentinel
     return client
 
 
@@ -244,6 +265,9 @@ def connect(target: RedisTarget, *, timeout: float, max_connections: int) -> Any
         "socket_connect_timeout": timeout,
         "health_check_interval": 30,
         "decode_responses": False,
+        # A pooled connection from before a Redis restart fails its first command: retry it once
+        # on a fresh connection instead of answering 503 to a healthy store.
+        "retry": Retry(NoBackoff(), 1),
     }
     if target.mode == "standalone":
         pool = BlockingConnectionPool.from_url(target.url, max_connections=max_connections, timeout=timeout, **common)

@@ -10,9 +10,9 @@ loss, is skipped with a warning, never a crash, and a torn tail is cut off when 
 adopted. `MemorySpool` keeps records in memory only (the embedded store, or no spool path).
 
 Several gateway processes may share one directory: each holds an exclusive `flock` on its own
-file (`path`, else `path.1`, `path.2`, …), and a process adopts, at start-up, every spool file
-that no live process holds (what a stopped or crashed predecessor left), so that its records
-are replayed.
+file (`path`, else `path.1`, `path.2`, …). A process adopts, at start-up, every spool file that
+no live process holds (what a stopped or crashed predecessor left), and the file it takes when
+it first needs one may be such a leftover too; either way those records are replayed.
 
 Durability of an append (`fsync`): `always` fsyncs before the records count as spooled (a
 power loss loses nothing; one disk flush per batch); `interval` (the default) fsyncs at most
@@ -215,6 +215,9 @@ class FileSpool:
             os.fsync(fd)
         self._fd, self._own = fd, path
         self._records, self._size, self._offset = records, end, 0
+        if records:
+            log.warning("usage_spool_recovered", path=str(path), records=records,
+                        message="records left by an earlier process will be written to the store")  # fmt: skip
 
     def _ensure_open(self) -> int:
         if self._fd is not None:
@@ -244,20 +247,25 @@ class FileSpool:
                     continue
                 try:  # a second leftover: move its valid lines into ours, then remove it
                     batch: list[bytes] = []
+                    moved = 0
                     for line in _lines(fd, os.fstat(fd).st_size):
                         if unframe(line) is not None:
                             batch.append(line + b"\n")
                         if len(batch) >= 1024:
                             self._write(b"".join(batch), len(batch))
-                            batch = []
+                            moved, batch = moved + len(batch), []
                     self._write(b"".join(batch), len(batch))
-                    os.fsync(self._fd)  # type: ignore[arg-type]
+                    os.fsync(self._fd)
                     os.unlink(path)
+                    if moved + len(batch):
+                        log.warning("usage_spool_recovered", path=str(path), records=moved + len(batch),
+                                    message="records left by an earlier process will be written to the store")  # fmt: skip
                 finally:
                     os.close(fd)
-            if self._records:
-                log.warning("usage_spool_recovered", path=str(self._own), records=self._records,
-                            message="usage records left by an earlier process will be written to the store")  # fmt: skip
+            directory = self.path.parent
+            if not os.access(directory if directory.exists() else directory.parent, os.W_OK):
+                log.error("usage_spool_unwritable", path=str(self.path),
+                          message="records could not be spooled in a store outage: check usage_spool_path")  # fmt: skip
             return self._records
 
     def append(self, payloads: Sequence[bytes]) -> None:
@@ -314,6 +322,8 @@ class FileSpool:
                         payloads.append(payload)
                     offset += len(line) + 1
                 buffer = buffer[start:]
+            if not payloads and pos >= self._size:
+                offset = self._size  # only corrupt lines or a fragment were left: nothing to replay
             return payloads, offset
 
     def commit(self, end: int, count: int) -> None:
@@ -356,7 +366,7 @@ class FileSpool:
                 else:
                     os.fsync(fd)
                     log.warning("usage_spool_kept", path=str(path), records=self._records,
-                                message="usage records stay in the spool until a gateway starts with this path")  # fmt: skip
+                                message="records stay in the spool until a gateway starts with this path")  # fmt: skip
             finally:
                 os.close(fd)
                 self._dirty_since = None

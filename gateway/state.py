@@ -7,6 +7,7 @@ usage record need as the handler learns it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from gateway.auth import Authenticator
 from gateway.config import Settings
+from gateway.errors import StoreUnavailable
 from gateway.invalidation import Event, Events
 from gateway.keys import KeyRecord, KeyService
 from gateway.metrics import Metrics
@@ -47,6 +49,7 @@ class AppState:
     store_ok: bool = True
     inflight: int = 0
     _orgs: dict[str, tuple[float, OrgLimits | None]] = field(default_factory=dict)
+    _org_reads: dict[str, asyncio.Task[OrgLimits | None]] = field(default_factory=dict)  # one read per org
 
     def apply_settings(self, settings: Settings) -> None:
         """A reloaded config: new requests see the new models, upstreams, timeouts and limits;
@@ -65,21 +68,44 @@ class AppState:
             self.auth.forget(event.id)
         elif event.kind == "org":
             self._orgs.pop(event.id, None)
+            self._org_reads.pop(event.id, None)  # a read in flight may predate the change: not cached
 
     async def _org_limits(self, org: str | None) -> OrgLimits | None:
         if not org:
             return None
-        now = self.clock()
         cached = self._orgs.get(org)
-        if cached is not None and now - cached[0] < self.settings.key_cache_ttl:
+        if cached is not None and self.clock() - cached[0] < self.settings.key_cache_ttl:
             return cached[1]
+        # Concurrent misses share one read, so that a burst on a cold org is one store round trip.
+        read = self._org_reads.get(org)
+        if read is None:
+            read = asyncio.get_running_loop().create_task(self._read_org(org))
+            self._org_reads[org] = read
+            read.add_done_callback(lambda done: self._org_read_done(org, done))
         try:
-            raw = await self.store.redis.hgetall(org_record(org))
+            return await asyncio.shield(read)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            return cached[1] if cached else None
+            if cached is not None:
+                return cached[1]
+            if self.settings.store_outage_policy == "fail_closed":  # never skip an org's limits silently
+                raise StoreUnavailable("The limit store is unreachable; try again shortly.") from None
+            return None
+
+    async def _read_org(self, org: str) -> OrgLimits | None:
+        now = self.clock()
+        raw = await self.store.redis.hgetall(org_record(org))
         limits = OrgLimits(rpm=int(raw.get(b"rpm") or 0), tpm=int(raw.get(b"tpm") or 0)) if raw else None
-        self._orgs[org] = (now, limits)
+        if self._org_reads.get(org) is asyncio.current_task():  # not invalidated meanwhile
+            self._orgs[org] = (now, limits)
         return limits
+
+    def _org_read_done(self, org: str, read: asyncio.Task[OrgLimits | None]) -> None:
+        if self._org_reads.get(org) is read:
+            del self._org_reads[org]
+        if not read.cancelled():
+            read.exception()  # retrieved here: every waiter may have gone
 
 
 STATE = web.AppKey("state", AppState)

@@ -45,6 +45,7 @@ REPLAY_BATCH = 512
 WRITE_TIMEOUT = 2.0  # one pipeline to the store, before the batch counts as failed
 MIN_BACKOFF, MAX_BACKOFF = 0.05, 1.0  # between attempts while the store fails
 MAX_FINISH_BACKLOG = 10_000  # lease releases kept for retry (older ones expire on their own)
+CLOSE_ATTEMPTS = 2  # failed attempts after `close()` before the store counts as down
 _STORE_ERRORS = (RedisError, OSError, TimeoutError)
 # The record's fields, in the stream and in exports (CONTRACT §8, then the record id).
 FIELDS = (
@@ -102,8 +103,9 @@ class UsageRecord:
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes] | dict[str, str]) -> UsageRecord:
         """A record read back from the stream (field names and values as bytes or str)."""
-        data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in raw.items()}  # fmt: skip
+        data: dict[str, str] = raw  # type: ignore[assignment]
+        if raw and isinstance(next(iter(raw)), bytes):
+            data = {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
         return cls(
             request_id=data["request_id"],
             key_id=data["key_id"],
@@ -201,6 +203,8 @@ class UsageWriter:
         self._backoff = MIN_BACKOFF
         self._failing = False
         self._recovering = True  # until the spool left by an earlier process has been read
+        self._closed = False
+        self._failures_closing = 0
 
     @property
     def pending(self) -> int:
@@ -213,6 +217,9 @@ class UsageWriter:
         return self._spool.records
 
     def submit(self, settlement: Settlement) -> None:
+        if self._closed:
+            record = settlement.record
+            log.error("usage_submitted_after_close", request_id=record.request_id if record else None)
         self._pending.append(settlement)
         self._wakeup.set()
 
@@ -256,6 +263,7 @@ class UsageWriter:
         self._finishes.clear()
         self._batch = []
         self._recovering = False
+        self._closed = True
         self._report()
 
     # --- the background task -----------------------------------------------------------------
@@ -290,13 +298,16 @@ class UsageWriter:
     def _done_closing(self) -> bool:
         if self._pending or self._batch:
             return False
-        store_down = self._clock() < self._retry_at
-        return store_down or not (self._spool.records or self._finishes)
+        if not (self._spool.records or self._finishes):
+            return True
+        # The store failed again since `close()`: it is down, what waits stays spooled. (One
+        # failure from before may be a stale connection to a restarted server: try once more.)
+        return self._failures_closing >= CLOSE_ATTEMPTS
 
     async def _idle(self) -> None:
         """Sleep until a submit, the next retry of the store, or the next interval fsync."""
         self._wakeup.clear()
-        if self._pending or self._closing:
+        if self._pending:
             return
         now = self._clock()
         waits = [w for w in (self._spool.sync_due(now),) if w is not None]
@@ -319,6 +330,9 @@ class UsageWriter:
                 except _STORE_ERRORS as exc:
                     self._store_failed(exc)
             await self._set_aside(batch)
+        except asyncio.CancelledError:  # `close()` gave up waiting: it spools what is not done
+            self._pending.extendleft(reversed(batch))
+            raise
         finally:
             self._batch = []
 
@@ -357,7 +371,8 @@ class UsageWriter:
                         try:
                             page.append(Settlement([], [], UsageRecord.from_json(payload), [True, False]))
                         except (ValueError, TypeError, KeyError) as exc:
-                            log.error("usage_spool_bad_record", error=str(exc), payload=payload[:200].decode("utf-8", "replace"))
+                            log.error("usage_spool_bad_record", error=str(exc),
+                                      payload=payload[:200].decode("utf-8", "replace"))  # fmt: skip
                     self._replay = (page, end, len(payloads))
                 page, end, count = self._replay
                 await self._write(page)
@@ -370,6 +385,8 @@ class UsageWriter:
             self._store_failed(exc)
 
     def _store_failed(self, exc: BaseException) -> None:
+        if self._closing:
+            self._failures_closing += 1
         if not self._failing:
             log.warning("usage_store_unreachable", error=type(exc).__name__, detail=str(exc)[:200],
                         message="usage records go to the local spool until the store answers")  # fmt: skip

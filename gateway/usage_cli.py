@@ -68,10 +68,10 @@ def span(text: str) -> float:
 
 
 def iso(epoch: float, *, ms: bool = True) -> str:
-    stamp = datetime.fromtimestamp(epoch, UTC)
-    if ms:
-        return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
-    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """`2026-11-25T10:00:00.123Z` (UTC; without the milliseconds when `ms` is false)."""
+    seconds, millis = divmod(round(epoch * 1000), 1000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{millis:03d}Z" if ms else text + "Z"
 
 
 def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -246,8 +246,10 @@ async def summary(
             for hour in day_hours:
                 stamp = time.gmtime(hour * 3600)
                 label = time.strftime("%Y-%m-%dT%H:00Z", stamp) if by == "hour" else label_day
-                reads.append((scope, name, label, names.usage_aggregate(scope, name, time.strftime("h:%Y%m%d%H", stamp))))
+                hourly = names.usage_aggregate(scope, name, time.strftime("h:%Y%m%d%H", stamp))
+                reads.append((scope, name, label, hourly))
     totals: dict[tuple[str, str, str], dict[str, int]] = {}
+    whole = f"{iso(hours[0] * 3600, ms=False)}/{iso((hours[-1] + 1) * 3600, ms=False)}"
     for chunk in _chunks(reads, 1000):
         pipe = store.redis.pipeline(transaction=False)
         for *_, redis_key in chunk:
@@ -255,7 +257,7 @@ async def summary(
         for (scope, name, label, _), raw in zip(chunk, await pipe.execute(), strict=True):
             if not raw:
                 continue
-            period = label if by != "total" else f"{iso(hours[0] * 3600, ms=False)}/{iso((hours[-1] + 1) * 3600, ms=False)}"
+            period = whole if by == "total" else label
             acc = totals.setdefault((scope, name, period), dict.fromkeys(_COLUMNS, 0))
             fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
             for column in _COLUMNS:

@@ -10,6 +10,8 @@ that every documented operation was exercised and that they are exactly the rout
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
 from dataclasses import replace
@@ -25,6 +27,7 @@ from gateway.admin import ROUTES
 from gateway.openapi import document
 from tests.conftest import Gateway, GatewayFactory, auth, chat_body
 from tests.test_admin_jwt import assert_error, bearer, hs_admin, mint
+from tests.test_orgs import cli
 
 KEY_RE = re.compile(r"lt_[A-Za-z0-9]{32,}")
 SPEC = document()
@@ -160,7 +163,8 @@ async def test_key_lifecycle(admin: tuple[AdminClient, Gateway], http: aiohttp.C
     assert listing["has_more"] is False and listing["last_id"] == c["key_id"]
     assert all("key" not in k and "digest" not in k for k in listing["data"])
     assert [k["key_id"] for k in (await api("GET", "/admin/keys?org=acme", 200))["data"]] == [key_id]
-    assert [k["key_id"] for k in (await api("GET", "/admin/keys?name=svc-b", 200))["data"]] == [b["key_id"], c["key_id"]]
+    by_name = (await api("GET", "/admin/keys?name=svc-b", 200))["data"]
+    assert [k["key_id"] for k in by_name] == [b["key_id"], c["key_id"]]
     assert [k["key_id"] for k in (await api("GET", "/admin/keys?name=svc-b&org=beta", 200))["data"]] == [c["key_id"]]
     assert (await api("GET", "/admin/keys?org=nobody", 200))["data"] == []
     seen, after = [], ""
@@ -295,3 +299,35 @@ async def test_every_documented_operation_is_exercised(admin: tuple[AdminClient,
             assert role == "admin"
             async with http.request(method, gw.url + concrete, headers=bearer(api.viewer), json={}) as resp:
                 assert_error(resp.status, await resp.json(), 403, "permission_error", "insufficient_role")
+
+
+async def test_the_cli_and_the_api_agree(admin: tuple[AdminClient, Gateway], redis_url: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """One service layer: what one writes, the other shows, field for field."""
+    api, _ = admin
+
+    def cli_json(*args: str) -> Any:
+        capsys.readouterr()  # the gateway's own log lines so far
+        code, out, err = cli(capsys, redis_url, *args, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    created = await api("POST", "/admin/keys", 201, json={"name": "both", "org": "acme", "rpm": 9})
+    created.pop("key")
+    assert await asyncio.to_thread(cli_json, "keys", "show", created["key_id"]) == created
+    rotated = await asyncio.to_thread(cli_json, "keys", "rotate", created["key_id"], "--overlap", "0")
+    assert KEY_RE.fullmatch(rotated.pop("key"))
+    assert await api("GET", f"/admin/keys/{rotated['key_id']}", 200) == rotated
+    assert (await api("GET", f"/admin/keys/{created['key_id']}", 200))["status"] == "revoked"
+    assert await api("POST", f"/admin/keys/{created['key_id']}/rotate", 409)
+    capsys.readouterr()
+    code, _, err = await asyncio.to_thread(cli, capsys, redis_url, "keys", "rotate", created["key_id"])
+    assert code == 1 and "revoked or already rotated" in err
+
+    org = await api("POST", "/admin/orgs", 201, json={"org": "acme", "rpm": 50})
+    assert await asyncio.to_thread(cli_json, "orgs", "show", "acme") == org
+    changed = await asyncio.to_thread(cli_json, "orgs", "update", "acme", "--tpm", "700")
+    assert await api("GET", "/admin/orgs/acme", 200) == changed
+    assert [o["org"] for o in await asyncio.to_thread(cli_json, "orgs", "list")] == ["acme"]
+    listed = await asyncio.to_thread(cli_json, "keys", "list")
+    assert listed == (await api("GET", "/admin/keys", 200))["data"]

@@ -147,7 +147,7 @@ def _reject_cases(rsa_private: rsa.RSAPrivateKey) -> dict[str, tuple[str | None,
         "not bearer": ("Basic " + base64.b64encode(b"ops:pw").decode(), "Malformed"),
         "empty bearer": ("Bearer ", "Malformed"),
         "not a jwt": ("Bearer not-a-jwt", "not a JWT"),
-        "alg none": ("Bearer " + jwt.encode(claims(), None, algorithm="none"), "algorithm 'none'"),
+        "alg none": ("Bearer " + jwt.encode(claims(), None, algorithm="none"), "algorithm 'none'"),  # type: ignore[arg-type]
         "alg None by hand": ("Bearer " + hand_made({"alg": "None", "typ": "JWT"}, claims()), "algorithm 'None'"),
         "alg none, signed anyway": ("Bearer " + hand_made({"alg": "none"}, claims(), SECRET.encode()), "'none'"),
         "no alg": ("Bearer " + hand_made({"typ": "JWT"}, claims(), SECRET.encode()), "algorithm None"),
@@ -241,7 +241,8 @@ async def test_rs256_and_es256_public_keys(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession, rsa_key: rsa.RSAPrivateKey,
     other_rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey,
 ) -> None:  # fmt: skip
-    rs = await make_gateway(admin=Admin(jwt=AdminJwt(audience=AUDIENCE, algorithms=("RS256",), public_key=pem(rsa_key))))
+    rs = await make_gateway(admin=Admin(jwt=AdminJwt(audience=AUDIENCE, algorithms=("RS256",),
+                                                     public_key=pem(rsa_key))))  # fmt: skip
     status, body, _ = await call(http, "GET", rs.url + "/admin/", mint(key=rsa_key, alg="RS256", iss=None))
     assert status == 200 and body["role"] == "admin"
     public_pem = pem(rsa_key).encode()
@@ -287,7 +288,8 @@ class Jwks:
         self.url = ""
 
     def add(self, private_key: Any, kid: str, alg: str | None = None) -> None:
-        algorithm: Any = jwt.algorithms.RSAAlgorithm if isinstance(private_key, rsa.RSAPrivateKey) else jwt.algorithms.ECAlgorithm
+        is_rsa = isinstance(private_key, rsa.RSAPrivateKey)
+        algorithm: Any = jwt.algorithms.RSAAlgorithm if is_rsa else jwt.algorithms.ECAlgorithm
         entry = json.loads(algorithm.to_jwk(private_key.public_key()))
         entry.update({"kid": kid, "use": "sig", **({"alg": alg} if alg else {})})
         self.keys.append(entry)

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +75,12 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def server(self, port: int, *extra: str) -> None:
-        self.spawn("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning", *extra)  # fmt: skip
+    def server(self, port: int, *extra: str) -> subprocess.Popen[bytes]:
+        proc = self.spawn("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning",
+                   "--repl-diskless-sync-delay", "0", *extra)  # fmt: skip
         _wait(lambda: redis.Redis(port=port, socket_timeout=0.2).ping(), f"redis-server on {port}")
+        return proc
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -100,8 +101,9 @@ class LocalCluster:
     def __init__(self, processes: Processes) -> None:
         ports = free_ports(12)
         self.ports, bus_ports = ports[:6], ports[6:]
+        self.process: dict[int, subprocess.Popen[bytes]] = {}
         for port, bus in zip(self.ports, bus_ports, strict=True):
-            processes.server(port, "--cluster-enabled", "yes", "--cluster-port", str(bus),
+            self.process[port] = processes.server(port, "--cluster-enabled", "yes", "--cluster-port", str(bus),
                              "--cluster-config-file", str(processes.dir / f"nodes-{port}.conf"),
                              "--cluster-node-timeout", "2000")  # fmt: skip
         assert REDIS_CLI is not None
@@ -122,16 +124,27 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.live()[:3])
+
+    def live(self) -> list[int]:
+        return [p for p in self.ports if self.process[p].poll() is None]
 
     def clients(self) -> list[redis.Redis]:
-        return [redis.Redis(port=p, socket_timeout=2) for p in self.ports]
+        return [redis.Redis(port=p, socket_timeout=2) for p in self.live()]
 
     def primaries(self) -> list[redis.Redis]:
         return [c for c in self.clients() if c.info("replication")["role"] == "master"]
 
-    def client(self) -> redis.RedisCluster:
-        return redis.RedisCluster(host="127.0.0.1", port=self.ports[0])
+    def owner(self, key: str) -> int:
+        """The port of the master that serves `key`'s slot now."""
+        client = self.client()
+        try:
+            return int(client.get_node_from_key(key).port)
+        finally:
+            client.close()
+
+    def client(self) -> Any:  # redis.RedisCluster (its stubs type replies loosely)
+        return redis.RedisCluster(host="127.0.0.1", port=self.live()[0])
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +185,13 @@ async def start_gateway(mock_upstream: str, tmp_path: Path) -> AsyncIterator[Any
 
     yield start
     for runner in reversed(runners):
-        await runner.cleanup()
+        try:
+            async with asyncio.timeout(30):
+                await runner.cleanup()
+        except TimeoutError:
+            for task in asyncio.all_tasks():
+                task.print_stack()
+            raise
 
 
 async def _chat(http: aiohttp.ClientSession, gw: Gateway, key: str, **extra: Any) -> tuple[int, bytes]:
@@ -226,12 +245,28 @@ async def test_keys_requests_and_usage_on_a_cluster(
         assert records[0][b"completion_tokens"] == b"7"
         # Every lease was released: the concurrency set (on the key's slot) is empty.
         assert client.zcard(concurrency_set(limit_tag(record.key_id, "acme"), record.key_id)) == 0
-        # The data really is spread over the masters: the key record and the usage stream live
-        # on different slots, each on the master that owns it.
-        slots = {client.keyslot(k) for k in (USAGE_STREAM, f"liutong:key:{record.digest}")}
-        assert len(slots) == 2
     finally:
         client.close()
+
+
+async def test_a_revocation_reaches_every_replica_through_cluster_pub_sub(
+    start_gateway: Any, cluster_url: str, http: aiohttp.ClientSession
+) -> None:
+    # Each gateway subscribes on one seed node; PUBLISH on any node reaches every node.
+    gw_a = await start_gateway(cluster_url, key_cache_ttl=60)
+    gw_b = await start_gateway(cluster_url, key_cache_ttl=60)
+    key, record = await gw_a.create_key("revoked")
+    for gw in (gw_a, gw_b):
+        async with http.get(gw.url + "/v1/models", headers=auth(key)) as resp:
+            assert resp.status == 200  # now cached for a minute on both
+    await gw_a.state.keys.revoke(record.key_id)
+    deadline = time.monotonic() + 3
+    while True:
+        async with http.get(gw_b.url + "/v1/models", headers=auth(key)) as resp:
+            if resp.status == 401 or time.monotonic() > deadline:
+                break
+        await asyncio.sleep(0.05)
+    assert resp.status == 401
 
 
 async def test_rate_limit_is_exact_on_a_cluster(start_gateway: Any, cluster_url: str, http: aiohttp.ClientSession) -> None:
@@ -265,6 +300,12 @@ async def test_noscript_on_every_node_is_handled(
     status, body = await slow
     assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
     await gw.settled()
+    # No request started after the second flush: only the usage writer's reload (on NOSCRIPT,
+    # to every primary) can have put the settlement scripts back.
+    scripts = gw.state.store.scripts
+    for node in cluster.primaries():
+        assert node.script_exists(scripts.finish.sha, scripts.record_usage.sha) == [True, True]
+        node.close()
     client = cluster.client()
     try:
         records = [f for _, f in client.xrange(USAGE_STREAM) if f[b"key_id"] == record.key_id.encode()]
@@ -272,6 +313,19 @@ async def test_noscript_on_every_node_is_handled(
         assert client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
     finally:
         client.close()
+
+
+async def test_an_unreachable_cluster_is_a_store_outage(
+    start_gateway: Any, cluster_url: str, http: aiohttp.ClientSession
+) -> None:
+    # A key made on the real cluster, served by a gateway whose seed nodes all refuse connections.
+    gw = await start_gateway(cluster_url)
+    key, _ = await gw.create_key("outage")
+    dead = await start_gateway("redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in free_ports(2)))
+    status, body = await _chat(http, dead, key)
+    assert status == 503 and b"store_unavailable" in body, body
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await dead.state.store.redis.ping()
 
 
 async def test_four_replicas_share_one_limit_on_a_cluster(
@@ -294,6 +348,42 @@ async def test_four_replicas_share_one_limit_on_a_cluster(
     assert admitted == 120, f"admitted {admitted}; tokens that could have refilled meanwhile: {extra}"
 
 
+async def test_a_master_fails_over_and_its_replica_gets_the_scripts(
+    start_gateway: Any, cluster: LocalCluster, cluster_url: str, http: aiohttp.ClientSession
+) -> None:
+    # Last of the cluster tests: it leaves the cluster with one master that has no replica.
+    gw = await start_gateway(cluster_url)
+    key, record = await gw.create_key("failover")
+    bucket = key_bucket(limit_tag(record.key_id, None), record.key_id, "rpm")
+    assert (await _chat(http, gw, key))[0] == 200
+    await gw.settled()
+    dead = cluster.owner(bucket)
+    master = redis.Redis(port=dead)
+    replica_port = int(master.info("replication")["slave0"]["port"])
+    replica = redis.Redis(port=replica_port)
+    assert master.execute_command("WAIT", 1, 2000) == 1  # the replica has everything so far
+    assert replica.script_exists(gw.state.store.scripts.acquire.sha) == [False]
+
+    cluster.process[dead].kill()
+    cluster.process[dead].wait()
+    statuses: list[int] = []
+    deadline = time.monotonic() + 20
+    while statuses[-3:] != [200] * 3 and time.monotonic() < deadline:
+        statuses.append((await _chat(http, gw, key))[0])
+        await asyncio.sleep(0.05)
+    assert statuses[-3:] == [200] * 3 and set(statuses) <= {200, 503}, statuses
+    assert cluster.owner(bucket) == replica_port
+    assert replica.script_exists(gw.state.store.scripts.acquire.sha) == [True]
+    await gw.settled()
+    client = cluster.client()
+    try:
+        records = [f for _, f in client.xrange(USAGE_STREAM) if f[b"key_id"] == record.key_id.encode()]
+        assert len(records) == 1 + statuses.count(200)
+        assert client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
+    finally:
+        client.close()
+
+
 # --- Sentinel --------------------------------------------------------------------------------
 
 
@@ -304,26 +394,27 @@ class LocalSentinel:
 
     def __init__(self, processes: Processes) -> None:
         self.master, self.replica, self.sentinel = free_ports(3)
-        processes.server(self.master)
+        self.master_process = processes.server(self.master)
         processes.server(self.replica, "--replicaof", "127.0.0.1", str(self.master))
+        _wait(lambda: redis.Redis(port=self.replica).info("replication")["master_link_status"] == "up", "replication")
         config = processes.dir / "sentinel.conf"
         config.write_text(
             f"port {self.sentinel}\nbind 127.0.0.1\ndir {processes.dir}\n"
             f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master} 1\n"
-            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 500\n"
             f"sentinel failover-timeout {self.SERVICE} 3000\n"
         )
         processes.spawn(str(config), "--sentinel")
         sentinel = redis.Redis(port=self.sentinel, socket_timeout=0.5)
         _wait(lambda: sentinel.execute_command("SENTINEL", "REPLICAS", self.SERVICE), "the sentinel to see the replica")
-        _wait(lambda: redis.Redis(port=self.replica).info("replication")["master_link_status"] == "up", "replication")
 
     @property
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel}/{self.SERVICE}/0"
 
     def master_port(self) -> int:
-        host, port = redis.Redis(port=self.sentinel).sentinel_get_master_addr_by_name(self.SERVICE)
+        sentinel: Any = redis.Redis(port=self.sentinel)
+        _host, port = sentinel.sentinel_get_master_addr_by_name(self.SERVICE)
         return int(port)
 
 
@@ -335,26 +426,28 @@ def sentinel(topology: Processes) -> LocalSentinel:
 async def test_gateway_finds_the_master_through_sentinel_and_follows_a_failover(
     start_gateway: Any, sentinel: LocalSentinel, http: aiohttp.ClientSession
 ) -> None:
-    gw = await start_gateway(sentinel.url, key_cache_ttl=0.05)
+    gw = await start_gateway(sentinel.url)
     key, record = await gw.create_key("via-sentinel")
     assert (await _chat(http, gw, key))[0] == 200
     await gw.settled()
-    master = redis.Redis(port=sentinel.master)
+    master, replica = redis.Redis(port=sentinel.master), redis.Redis(port=sentinel.replica)
     assert master.exists(f"liutong:key:{record.digest}") and master.xlen(USAGE_STREAM) == 1
+    _wait(lambda: replica.xlen(USAGE_STREAM) == 1, "the replica to catch up")
+    assert replica.script_exists(gw.state.store.scripts.acquire.sha) == [False]
 
-    # Fail over to the replica, and wait until the old master has become its replica (writes
-    # that reach the old master before that are lost with it, as with any Sentinel failover).
-    redis.Redis(port=sentinel.sentinel).execute_command("SENTINEL", "FAILOVER", sentinel.SERVICE)
-    _wait(lambda: sentinel.master_port() == sentinel.replica, "the failover", timeout=20)
-    _wait(lambda: master.info("replication").get("master_link_status") == "up", "the old master to follow", timeout=20)
-    # The gateway's connections to the old master now get READONLY: it asks the sentinel again,
-    # and on the new master (whose script cache is empty) reloads the scripts on NOSCRIPT.
-    for _ in range(3):
-        assert (await _chat(http, gw, key))[0] == 200
-    await gw.settled()
-    new_master = redis.Redis(port=sentinel.replica)
-    t0 = time.monotonic()
-    while new_master.xlen(USAGE_STREAM) < 4 and time.monotonic() - t0 < 10:
+    # The master dies; the sentinel promotes the replica. The gateway's connections fail, it
+    # asks the sentinel again and, on the new master (whose script cache is empty: scripts are
+    # not replicated), reloads the scripts on NOSCRIPT. Requests made during the failover get
+    # 503 `store_unavailable` (fail_closed), never a wrong answer.
+    sentinel.master_process.kill()
+    sentinel.master_process.wait()
+    statuses: list[int] = []
+    deadline = time.monotonic() + 15
+    while not statuses[-3:] == [200] * 3 and time.monotonic() < deadline:
+        statuses.append((await _chat(http, gw, key))[0])
         await asyncio.sleep(0.05)
-    print("took", time.monotonic() - t0, new_master.xlen(USAGE_STREAM), master.xlen(USAGE_STREAM), master.info("replication")["role"])
-    assert new_master.xlen(USAGE_STREAM) == 4
+    assert statuses[-3:] == [200] * 3 and set(statuses) <= {200, 503}, statuses
+    assert sentinel.master_port() == sentinel.replica
+    await gw.settled()
+    _wait(lambda: replica.xlen(USAGE_STREAM) == 1 + statuses.count(200), "the settlements on the new master", 10)
+    assert replica.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0

@@ -20,6 +20,8 @@ import redis
 
 from gateway import store as names
 from gateway.cli import main
+from gateway.errors import StoreUnavailable
+from gateway.invalidation import Event
 from gateway.orgs import OrgService
 from tests.conftest import Gateway, GatewayFactory, auth, chat_body
 from tests.test_admin_jwt import bearer, hs_admin, mint
@@ -80,11 +82,14 @@ async def _hit(http: aiohttp.ClientSession, gw: Gateway, key: str) -> tuple[int,
 
 
 async def test_two_keys_share_the_org_limit_exactly(make_gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
-    gw = await make_gateway()
+    gw = await make_gateway(store_timeout=2.0)  # a test of accuracy: a slow CI machine must not cause 503s
     await OrgService(gw.state.store.redis).create("acme", rpm=50)
     # Each key's own limit (60/min) would admit all of its 50 requests: only the org's limits them.
     key_a, rec_a = await gw.create_key("a", org="acme", rpm=60, max_concurrent=0)
     key_b, rec_b = await gw.create_key("b", org="acme", rpm=60, max_concurrent=0)
+    for key in (key_a, key_b):  # authenticated once (no limit is touched), so the burst hits the cache
+        async with http.get(gw.url + "/v1/models", headers=auth(key)) as resp:
+            assert resp.status == 200
     keys = [key_a, key_b] * 50
     started = time.monotonic()
     results = await asyncio.gather(*(_hit(http, gw, key) for key in keys))
@@ -136,3 +141,32 @@ def test_org_names(org: str) -> None:
 
     assert valid_org(org)
     assert not valid_org(org + "}") and not valid_org("-" + org) and not valid_org("")
+
+
+async def test_a_cold_org_is_read_once_per_burst_and_never_skipped(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await make_gateway()
+    await OrgService(gw.state.store.redis).create("acme", rpm=5)
+    _, record = await gw.create_key("a", org="acme")
+    redis_client = gw.state.store.redis
+    real_hgetall = redis_client.hgetall
+    reads: list[str] = []
+
+    async def counted(name: Any) -> Any:
+        reads.append(name)
+        return await real_hgetall(name)
+
+    monkeypatch.setattr(redis_client, "hgetall", counted)
+    plans = await asyncio.gather(*(gw.state.plan_for(record) for _ in range(50)))
+    assert reads == [names.org_record("acme")]
+    assert all([b.scope for b in plan.buckets].count("org") == 1 for plan in plans)
+
+    # The store fails and nothing is cached: a 503, never a plan without the org's buckets.
+    async def failing(name: Any) -> Any:
+        raise redis.exceptions.ConnectionError("store down")
+
+    gw.state.forget(Event("org", "acme"))
+    monkeypatch.setattr(redis_client, "hgetall", failing)
+    with pytest.raises(StoreUnavailable):
+        await gw.state.plan_for(record)

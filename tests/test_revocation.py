@@ -62,7 +62,7 @@ async def test_two_replicas_revoke_within_a_second(
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIUTONG_")}
     env.update({"LIUTONG_ADMIN_JWT_SECRET": SECRET, "LIUTONG_ADMIN_JWT_AUDIENCE": AUDIENCE, "PYTHONUNBUFFERED": "1"})
     a, b = GatewayProcess(config, env), GatewayProcess(config, env)
-    a.env = b.env = env
+    a.env = b.env = env  # exactly this environment: no LIUTONG_* of the caller's
     await asyncio.gather(asyncio.to_thread(a.start), asyncio.to_thread(b.start))
     plaintexts = []
     try:
@@ -108,9 +108,10 @@ async def test_two_replicas_revoke_within_a_second(
         codes = await asyncio.gather(asyncio.to_thread(a.stop), asyncio.to_thread(b.stop))
     assert codes == [0, 0]
     for gw in (a, b):
-        assert "events_subscribed" in gw.logs()
+        logs, stderr = gw.logs(), gw.stderr()
+        assert "events_subscribed" in logs
         for plaintext in plaintexts:  # a plaintext key is never logged, not even by the admin API
-            assert plaintext not in gw.logs() and plaintext not in gw.stderr()
+            assert plaintext not in logs and plaintext not in stderr
 
 
 async def test_a_missed_message_is_covered_by_the_cache_ttl(make_gateway: GatewayFactory,

@@ -79,7 +79,9 @@ def test_time_arguments() -> None:
 
 async def test_export_jsonl_filters_by_started_at_key_and_org(redis_url: str, records: list[UsageRecord]) -> None:
     since, until = T0 + 6 * HOUR, T0 + 30 * HOUR
-    out = ok(run_cli("usage", "export", "--since", iso(since), "--until", iso(until), redis_url=redis_url)).stdout
+    # These records were written days after they started: --slack must reach from --until to now.
+    args = ("usage", "export", "--since", iso(since), "--until", iso(until), "--slack", "30d")
+    out = ok(run_cli(*args, redis_url=redis_url)).stdout
     lines = [json.loads(line) for line in out.splitlines()]
     want = selected(records, since, until)
     assert [r["request_id"] for r in lines] == [r.request_id for r in want]  # in write order
@@ -146,9 +148,9 @@ async def test_summary_agrees_with_the_records(redis_url: str, records: list[Usa
             acc["requests"], acc["errors"], acc["prompt_tokens"], acc["completion_tokens"])  # fmt: skip
         assert row["total_tokens"] == acc["prompt_tokens"] + acc["completion_tokens"]
     # --by total and --key: one row; --by hour: rows per hour that add up to it.
-    args = ("usage", "summary", "--since", iso(since), "--until", iso(until), "--key", "key_a", "--json")
-    (total,) = json.loads(ok(run_cli(*args, "--by", "total", redis_url=redis_url)).stdout)["rows"]
-    hourly = json.loads(ok(run_cli(*args, "--by", "hour", redis_url=redis_url)).stdout)["rows"]
+    key_args = ("usage", "summary", "--since", iso(since), "--until", iso(until), "--key", "key_a", "--json")
+    (total,) = json.loads(ok(run_cli(*key_args, "--by", "total", redis_url=redis_url)).stdout)["rows"]
+    hourly = json.loads(ok(run_cli(*key_args, "--by", "hour", redis_url=redis_url)).stdout)["rows"]
     assert total["requests"] == len(selected(records, since, until, key="key_a")) == sum(r["requests"] for r in hourly)
     assert total["completion_tokens"] == sum(r["completion_tokens"] for r in hourly)
     assert all(r["period"].endswith(":00Z") for r in hourly)
@@ -205,13 +207,12 @@ def _export_peak_rss_kib(redis_url: str, out: Path, *args: str) -> int:
 
 async def test_export_of_100k_records_runs_in_bounded_memory(redis_url: str, store: Store, tmp_path: Path) -> None:
     template = UsageRecord("x", "key_big", "acme", "crimson-falcon-4", 200, True, 12, 34, "upstream", T0, 250)
+    fill = store.redis.register_script(
+        "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do ARGV[4] = 'big-' .. i; ARGV[28] = 'rec_' .. i; "
+        "redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3, 28)) end"
+    )
     for start in range(0, 100_000, 10_000):
-        pipe = store.redis.pipeline(transaction=False)
-        for i in range(start, start + 10_000):
-            fields = template.fields()
-            fields[1], fields[-1] = f"big-{i:06d}", f"rec_{i:06d}"
-            pipe.xadd(names.USAGE_STREAM, dict(zip(fields[::2], fields[1::2], strict=True)))
-        await pipe.execute()
+        await fill(keys=[names.USAGE_STREAM], args=[start, start + 9_999, *template.fields()])
     small = _export_peak_rss_kib(redis_url, tmp_path / "small.jsonl", "--until", iso(T0 + 1), "--key", "nobody")
     started = time.monotonic()
     big = _export_peak_rss_kib(redis_url, tmp_path / "big.jsonl")

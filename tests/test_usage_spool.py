@@ -159,7 +159,12 @@ def test_a_file_held_by_another_process_is_not_adopted(tmp_path: Path) -> None:
 def test_fsync_policies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, per_append: bool) -> None:
     calls: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", counting_fsync)
     now = [100.0]
     spool = FileSpool(tmp_path / "u.spool", fsync=policy, fsync_interval=1.0, clock=lambda: now[0])
     spool.append(payloads(1))

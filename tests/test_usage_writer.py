@@ -7,7 +7,9 @@ port, with its data kept) and a stop while the store is down; spools left by ear
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -215,8 +217,8 @@ async def test_aggregates_agree_with_the_records(store: Store) -> None:
     assert sorted(found) == sorted(expected)
     for redis_key, acc in expected.items():
         raw = await store.redis.hgetall(redis_key)
-        assert {k.decode(): int(v) for k, v in raw.items()} == {c: acc[c] for c in
-                                                                ("requests", "prompt_tokens", "completion_tokens", "errors")}  # fmt: skip
+        columns = ("requests", "prompt_tokens", "completion_tokens", "errors")
+        assert {k.decode(): int(v) for k, v in raw.items()} == {c: acc[c] for c in columns}
     # Each day's index names exactly the keys and orgs that had usage on it.
     for day in {r.periods()[1][2:] for r in stored}:
         members = {m.decode() for m in await store.redis.smembers(day_index(day))}
@@ -243,7 +245,7 @@ async def test_outage_spools_then_replays_in_order_exactly_once(
     store: Store, durable_redis: PersistentRedis, tmp_path: Path
 ) -> None:
     path = tmp_path / "u.spool"
-    written, gauge = Written(), []
+    written, gauge = Written(), list[int]()
     writer = UsageWriter(store, spool=FileSpool(path), on_written=written, on_pending=gauge.append)
     writer.start()
     before = [record(i) for i in range(50)]
@@ -357,3 +359,53 @@ async def test_memory_only_writer_keeps_records_through_an_outage(
     await until(lambda: _true(writer.pending == 0))
     await writer.close()
     assert len(await stream_records(store)) == 10
+
+
+async def test_close_on_a_hung_store_spools_the_batch_in_flight(
+    store: Store, durable_redis: PersistentRedis, tmp_path: Path
+) -> None:
+    """Redis accepts connections but never answers (the process is paused): `close()` gives up
+    after its timeout and spools every record, the batch stuck in a pipeline included."""
+    path = tmp_path / "u.spool"
+    writer = UsageWriter(store, spool=FileSpool(path))
+    writer.start()
+    await until(lambda: _true(writer.pending == 0), what="start-up")
+    assert durable_redis.process is not None
+    os.kill(durable_redis.process.pid, signal.SIGSTOP)
+    try:
+        recs = [record(i) for i in range(30)]
+        for rec in recs:
+            writer.submit(settlement(rec))
+        await asyncio.sleep(0.2)  # the writer now waits on the paused server
+        started = time.monotonic()
+        await writer.close(timeout=0.5)
+        assert time.monotonic() - started < 1.5
+        look = FileSpool(path)
+        assert look.recover() == 30
+        look.close()
+    finally:
+        os.kill(durable_redis.process.pid, signal.SIGCONT)
+    # Whatever the paused server ran once it woke up, a replay writes each record once.
+    successor = UsageWriter(store, spool=FileSpool(path))
+    successor.start()
+    await until(lambda: _true(successor.pending == 0), what="the replay")
+    await successor.close()
+    assert sorted(r.request_id for r in await stream_records(store)) == sorted(r.request_id for r in recs)
+
+
+async def test_close_right_after_a_store_restart_writes_instead_of_spooling(
+    store: Store, durable_redis: PersistentRedis, tmp_path: Path
+) -> None:
+    """The pool's connections died with the restarted server, so the first write fails: `close()`
+    tries again rather than leaving the record in the spool of a healthy store."""
+    path = tmp_path / "u.spool"
+    writer = UsageWriter(store, spool=FileSpool(path))
+    writer.start()
+    writer.submit(settlement(record(1)))
+    await until(lambda: _true(writer.pending == 0), what="the first record")
+    await asyncio.to_thread(durable_redis.stop)
+    await asyncio.to_thread(durable_redis.start)
+    writer.submit(settlement(record(2)))
+    await writer.close()
+    assert [r.request_id for r in await stream_records(store)] == ["req-1", "req-2"]
+    assert not path.exists()

@@ -38,6 +38,7 @@ async def test_two_workers_share_the_port_and_sum_their_metrics(tmp_path, redis_
     config = tmp_path / "gw.yaml"
     config.write_text(yaml.safe_dump({
         "redis_url": redis_url,
+        "limits": {"default": {"rpm": 100000, "tpm": 100000000, "max_concurrent": 1000}},
         "models": {m: {"upstreams": [mock_upstream]} for m in SEED_MODELS},
     }))  # fmt: skip
     store = open_store(redis_url)
