@@ -202,6 +202,28 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def write_gateway_config(path: Path, redis_url: str, upstream: str, **extra: Any) -> Path:
+    """A config file for `serve`: the seed models on `upstream`, the store at `redis_url`."""
+    import yaml
+
+    tree = {"redis_url": redis_url, "models": {m: {"upstreams": [upstream]} for m in SEED_MODELS}, **extra}
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+async def create_key_in(redis_url: str, name: str = "test", **options: Any) -> str:
+    """A new key in the store at `redis_url` (for gateways running as subprocesses)."""
+    from gateway.keys import KeyService
+    from gateway.store import open_store
+
+    store = open_store(redis_url)
+    try:
+        plaintext, _ = await KeyService(store.redis).create(name, **options)
+    finally:
+        await store.close()
+    return plaintext
+
+
 class GatewayProcess:
     """`python -m gateway serve` as a subprocess (for signals, several replicas, the CLI)."""
 

@@ -10,11 +10,7 @@ import time
 import aiohttp
 import orjson
 import pytest
-import yaml
-
-from gateway.keys import KeyService
-from gateway.store import open_store
-from tests.conftest import SEED_MODELS, GatewayProcess, auth, chat_body
+from tests.conftest import GatewayProcess, auth, chat_body, create_key_in, write_gateway_config
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +27,8 @@ async def _stream(
 
 
 async def test_sigterm_drains_then_cuts_streams_past_the_grace(tmp_path, redis_url, mock_upstream):
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "redis_url": redis_url,
-        "drain_grace_seconds": 1.5,
-        "models": {m: {"upstreams": [mock_upstream]} for m in SEED_MODELS},
-    }))  # fmt: skip
-    store = open_store(redis_url)
-    key, _ = await KeyService(store.redis).create("drain")
-    await store.close()
+    config = write_gateway_config(tmp_path / "gw.yaml", redis_url, mock_upstream, drain_grace_seconds=1.5)
+    key = await create_key_in(redis_url, "drain")
     gateway = GatewayProcess(config)
     gateway.start()
     try:
@@ -69,15 +58,8 @@ async def test_sigterm_drains_then_cuts_streams_past_the_grace(tmp_path, redis_u
 
 
 async def test_new_requests_on_open_connections_get_503_draining(tmp_path, redis_url, mock_upstream):
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "redis_url": redis_url,
-        "drain_grace_seconds": 6,
-        "models": {m: {"upstreams": [mock_upstream]} for m in SEED_MODELS},
-    }))  # fmt: skip
-    store = open_store(redis_url)
-    key, _ = await KeyService(store.redis).create("drain")
-    await store.close()
+    config = write_gateway_config(tmp_path / "gw.yaml", redis_url, mock_upstream, drain_grace_seconds=6)
+    key = await create_key_in(redis_url, "drain")
     gateway = GatewayProcess(config)
     gateway.start()
     try:

@@ -12,11 +12,8 @@ import sys
 import time
 
 import aiohttp
-import yaml
 
-from gateway.keys import KeyService
-from gateway.store import open_store
-from tests.conftest import REPO, SEED_MODELS, auth, chat_body, free_port
+from tests.conftest import REPO, auth, chat_body, create_key_in, free_port, write_gateway_config
 
 pytestmark = __import__("pytest").mark.integration
 
@@ -35,15 +32,9 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
 
 async def test_two_workers_share_the_port_and_sum_their_metrics(tmp_path, redis_url, mock_upstream):
     port = free_port()
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "redis_url": redis_url,
-        "limits": {"default": {"rpm": 100000, "tpm": 100000000, "max_concurrent": 1000}},
-        "models": {m: {"upstreams": [mock_upstream]} for m in SEED_MODELS},
-    }))  # fmt: skip
-    store = open_store(redis_url)
-    key, _ = await KeyService(store.redis).create("workers")
-    await store.close()
+    config = write_gateway_config(tmp_path / "gw.yaml", redis_url, mock_upstream,
+                                  limits={"default": {"rpm": 100000, "tpm": 100000000, "max_concurrent": 1000}})
+    key = await create_key_in(redis_url, "workers")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIUTONG_", "PROMETHEUS_"))}
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--host", "127.0.0.1",
