@@ -277,8 +277,8 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
 
     def tokens_written(record: UsageRecord) -> None:
         model = metrics.label(record.model)
-        metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
-        metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
+        metrics.child(metrics.tokens, model, "prompt").inc(record.prompt_tokens)
+        metrics.child(metrics.tokens, model, "completion").inc(record.completion_tokens)
 
     state = AppState(
         settings=settings,

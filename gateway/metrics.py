@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.metrics import MetricWrapperBase
 
 UNKNOWN_MODEL = "unknown"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -55,6 +56,7 @@ class Metrics:
         self.draining = Gauge("liutong_draining", "1 while the gateway drains before exit.", registry=r,
                               multiprocess_mode="livemax")  # fmt: skip
         self._requests: dict[tuple[str, int], Counter] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._duration: dict[tuple[str, bool], Histogram] = {}
         for model in self.models:
             for kind in ("prompt", "completion"):
@@ -70,6 +72,15 @@ class Metrics:
 
     def label(self, model: str) -> str:
         return model if model in self.models else UNKNOWN_MODEL
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        """`metric.labels(*labels)`, cached: `labels()` validates and locks on every call, and the
+        request path needs four children per request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def request_done(self, model: str, status: int, stream: bool, seconds: float) -> None:
         model = self.label(model)

@@ -192,7 +192,7 @@ async def _forward(
 ) -> web.StreamResponse:
     timeouts = pool.route.timeouts
     metrics = state.metrics
-    inflight = metrics.inflight.labels(chat.model)
+    inflight = metrics.child(metrics.inflight, chat.model)
     inflight.inc()
     state.inflight += 1
     attempt = _Attempt()
@@ -220,7 +220,7 @@ async def _forward(
             raise UpstreamTimeout("The upstream model server did not answer in time.") from None
         upstream = attempt.upstream
         assert upstream is not None
-        metrics.ttft.labels(chat.model).observe(time.perf_counter() - forwarded_at)
+        metrics.child(metrics.ttft, chat.model).observe(time.perf_counter() - forwarded_at)
         if upstream_response.status >= 500:
             _upstream_failed(state, pool, upstream, chat.model, f"status_{upstream_response.status}")
         else:
@@ -275,35 +275,39 @@ async def _relay_stream(
     ex.response = response
     await response.prepare(request)
     timeouts = state.pools[chat.model].route.timeouts
-    loop = asyncio.get_running_loop()
     read = upstream_response.content.readany
     failure: tuple[str, str, int] | None = None
     state.streams.add(upstream_response)
+    watch = IdleWatch()
     try:
-        async with asyncio.timeout(None) as deadline:
-            first = True
-            while True:
-                deadline.reschedule(loop.time() + (timeouts.first_byte if first else timeouts.idle))
-                chunk = await read()
-                deadline.reschedule(None)
-                if not chunk:
-                    break
-                first = False
-                out = relay.feed(chunk)
-                if out:
-                    await response.write(out)
+        wait = timeouts.first_byte
+        while True:
+            watch.reading(wait)
+            chunk = await read()
+            watch.writing()
+            if not chunk:
+                break
+            wait = timeouts.idle
+            out = relay.feed(chunk)
+            if out:
+                await response.write(out)
         rest = relay.rest()
         if rest:
             await response.write(rest)
         if not relay.done:
             failure = ("upstream_unavailable", "The upstream ended the stream before [DONE].", 502)
-    except TimeoutError:
+    except asyncio.CancelledError:
+        if not watch.expired_now():
+            raise
+        failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
+    except TimeoutError:  # aiohttp's own socket timeouts, should a session set them
         failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
     except ConnectionResetError:  # the client went away while we wrote (aiohttp's is a ClientError too)
         return 499
     except ClientError:
         failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
     finally:
+        watch.close()
         state.streams.discard(upstream_response)
     if failure is not None and state.drain_expired:
         failure = ("draining", "The gateway is shutting down; the stream was cut at the end of its grace period.", 503)
@@ -319,6 +323,63 @@ async def _relay_stream(
         return 499
     ex.upstream_done_at = time.perf_counter()
     return failure[2] if failure else 200
+
+
+class IdleWatch:
+    """Cancels the relaying task when the upstream has sent nothing for the allowed time.
+
+    Per event it only stores a deadline (`reading`) or clears it while the gateway writes to
+    the client (`writing`); its one timer re-arms itself when it fires before the current
+    deadline. That replaces two `asyncio.Timeout.reschedule` calls per event (a timer handle
+    cancelled and created each time), which were ~9 % of the gateway's CPU on streams.
+    """
+
+    __slots__ = ("_loop", "_task", "_cancelling", "_due", "_armed", "_handle", "_expired")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._due: float | None = None
+        self._armed = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def reading(self, seconds: float) -> None:
+        """The upstream has `seconds` from now to send something."""
+        self._due = due = self._loop.time() + seconds
+        if self._handle is None or self._armed > due:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed = due
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def writing(self) -> None:
+        """The gateway is writing to the client: that time is not the upstream's."""
+        self._due = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        due = self._due
+        if due is None:  # writing; the next `reading` arms the timer again
+            return
+        if self._loop.time() + 0.001 < due:
+            self._armed = due
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self._expired = True
+        self._task.cancel()
+
+    def expired_now(self) -> bool:
+        """True when the CancelledError being handled is this watch's own (and only) one."""
+        return self._expired and self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _json_usage(payload: bytes) -> tuple[dict[str, Any] | None, int | None]:

@@ -40,18 +40,23 @@ class SSERelay:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
         data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(_BOUNDARY)
-        if end < 0:
-            self._buffer = data
-            return b""
-        end += 2
-        complete, self._buffer = data[:end], data[end:]
+        if data.endswith(_BOUNDARY):  # the usual case: the chunk ends on an event boundary
+            complete, self._buffer = data, b""
+        else:
+            end = data.rfind(_BOUNDARY)
+            if end < 0:
+                self._buffer = data
+                return b""
+            end += 2
+            complete, self._buffer = data[:end], data[end:]
         self.events += complete.count(_BOUNDARY)
-        self.content_events += complete.count(_CONTENT) - complete.count(_EMPTY_CONTENT)
+        contents = complete.count(_CONTENT)
+        if contents:
+            self.content_events += contents - complete.count(_EMPTY_CONTENT)
         if _DONE in complete:
             self.done = True
         mentions = complete.count(_USAGE)
-        if mentions and mentions > sum(complete.count(null) for null in _NULL_USAGE):
+        if mentions and mentions > complete.count(_NULL_USAGE[0]) + complete.count(_NULL_USAGE[1]):
             return self._take_usage(complete)
         return complete
 
