@@ -85,3 +85,27 @@ async def test_no_key_appears_in_logs_errors_metrics_or_usage(tmp_path, redis_ur
         for fragment in _fragments(key):
             for where, text in haystacks.items():
                 assert fragment not in text, f"a piece of a key ({fragment[:5]}…) leaked into {where}"
+
+
+async def test_host_and_absolute_uri_cannot_redirect_the_gateway(gateway, key):
+    """A request naming another host (Host header or absolute URI) still goes to the configured
+    upstream only: the gateway is never an open proxy."""
+    import asyncio as aio
+    from urllib.parse import urlsplit
+
+    port = urlsplit(gateway.url).port
+    body = b'{"model":"crimson-falcon-4","messages":[{"role":"user","content":"hi"}]}'
+    for target, host in ((b"http://169.254.169.254/v1/chat/completions", b"169.254.169.254"),
+                         (b"/v1/chat/completions", b"evil.example:80")):  # fmt: skip
+        reader, writer = await aio.open_connection("127.0.0.1", port)
+        writer.write(b"POST " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: Bearer "
+                     + key.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)  # fmt: skip
+        await writer.drain()
+        answer = await aio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    stats = await gateway.mock_stats()
+    assert stats["requests"] == 2  # both reached the configured upstream, and only it
+    for record in stats["records"]:
+        assert record["authorization"] is False  # the client's key never went upstream
