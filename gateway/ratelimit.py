@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import RedisError
 
@@ -39,21 +39,25 @@ class Bucket:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """The buckets and the concurrency limit that apply to one key."""
+    """The buckets and the concurrency limit that apply to one key (built once per key and
+    reused while its record and limits stay the same: see `AppState.plan_for`)."""
 
     buckets: tuple[Bucket, ...]
     concurrency_key: str
     max_concurrent: int
+    keys: tuple[str, ...] = field(init=False)  # the scripts' KEYS: the buckets, then the lease set
+    tokens_capacity: int | None = field(init=False)  # the smallest tokens bucket, if any
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", (*(b.redis_key for b in self.buckets), self.concurrency_key))
+        caps = [b.capacity for b in self.buckets if b.kind == "tokens"]
+        object.__setattr__(self, "tokens_capacity", min(caps) if caps else None)
 
     def scaled(self, share: float) -> Plan:
         """This plan with every limit cut to `share` of itself (the fail_open per-replica budget)."""
         buckets = tuple(replace(b, capacity=max(1, int(b.capacity * share))) for b in self.buckets)
         conc = max(1, int(self.max_concurrent * share)) if self.max_concurrent else 0
         return Plan(buckets, self.concurrency_key, conc)
-
-    def tokens_capacity(self) -> int | None:
-        caps = [b.capacity for b in self.buckets if b.kind == "tokens"]
-        return min(caps) if caps else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,13 +196,13 @@ class Limiter:
     def reservation(self, plan: Plan, estimate: int, explicit_max: bool) -> int:
         """Tokens to reserve. An estimate that only exceeds the bucket because of the default
         completion allowance is capped to the capacity; an explicit `max_tokens` is not."""
-        capacity = plan.tokens_capacity()
+        capacity = plan.tokens_capacity
         if capacity is not None and not explicit_max:
             return min(estimate, capacity)
         return estimate
 
     async def acquire(self, plan: Plan, member: str, tokens: int) -> Grant:
-        keys = [b.redis_key for b in plan.buckets] + [plan.concurrency_key]
+        keys = plan.keys
         args: list[int | str] = [len(plan.buckets), member, plan.max_concurrent, self._lease_ms]
         for bucket in plan.buckets:
             args += [bucket.capacity, 1 if bucket.kind == "requests" else tokens]
@@ -206,7 +210,7 @@ class Limiter:
         try:
             if self.store_down:
                 raise ConnectionError("the store monitor saw the store down")
-            reply = await self._store.scripts.acquire(keys=keys, args=args)
+            reply = await self._store.run(self._store.scripts.acquire, keys, args)
             self.set_degraded(False)
         except (RedisError, OSError):
             if self._local is None or self._share is None:
@@ -251,7 +255,7 @@ class Limiter:
         A locally admitted grant is settled here at once; its `finish.lua` call is a no-op."""
         if grant.local and self._local is not None:
             self._local.finish(grant, used_tokens)
-        keys = [b.redis_key for b in grant.plan.buckets] + [grant.plan.concurrency_key]
+        keys = list(grant.plan.keys)
         args: list[int | str] = [len(grant.plan.buckets), grant.member]
         for bucket in grant.plan.buckets:
             delta = grant.reserved_tokens - used_tokens if bucket.kind == "tokens" else 0

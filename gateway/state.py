@@ -50,6 +50,7 @@ class AppState:
     inflight: int = 0
     _orgs: dict[str, tuple[float, OrgLimits | None]] = field(default_factory=dict)
     _org_reads: dict[str, asyncio.Task[OrgLimits | None]] = field(default_factory=dict)  # one read per org
+    _plans: dict[str, tuple[KeyRecord, OrgLimits | None, Any, Plan]] = field(default_factory=dict)
 
     def apply_settings(self, settings: Settings) -> None:
         """A reloaded config: new requests see the new models, upstreams, timeouts and limits;
@@ -59,8 +60,18 @@ class AppState:
         self.metrics.set_models(settings.models)
 
     async def plan_for(self, record: KeyRecord) -> Plan:
-        """The buckets for this key: its own limits, and its org's when the org has some."""
-        return plan_for(record, self.settings.limits, await self._org_limits(record.org))
+        """The buckets for this key: its own limits, and its org's when the org has some. The
+        plan is rebuilt only when the key's record, its org's limits or the defaults change."""
+        org = await self._org_limits(record.org) if record.org else None
+        defaults = self.settings.limits
+        cached = self._plans.get(record.key_id)
+        if cached is not None and cached[0] is record and cached[1] is org and cached[2] is defaults:
+            return cached[3]
+        plan = plan_for(record, defaults, org)
+        if len(self._plans) >= 100_000:
+            self._plans.clear()
+        self._plans[record.key_id] = (record, org, defaults, plan)
+        return plan
 
     def forget(self, event: Event) -> None:
         """A key or an org changed (here or on another replica): drop its cached entry."""

@@ -4,19 +4,26 @@
 a bounded pool against `redis_url` (one server, a Cluster or a Sentinel-managed master: see
 `redis_topology.py`), or, with no URL, fakeredis running the very same Lua scripts in-process
 (nothing shared, nothing kept across restarts). Scripts are `.lua` files shipped with the
-package, registered once and run with EVALSHA (redis-py reloads them on NOSCRIPT, on every
-primary of a Cluster). Every Redis key the gateway uses is made here, starting with `liutong:`.
+package, registered once and run with EVALSHA by `Store.run` / `Store.run_many`, which load
+them again on NOSCRIPT (on every primary of a Cluster). Against one server (`redis://`) those
+two go through the lean pipelined client of `resp.py`, the request path's only Redis calls;
+everything else uses redis-py. Every Redis key the gateway uses is made here, starting with
+`liutong:`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from redis.asyncio.connection import parse_url
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from gateway.redis_topology import connect, parse_redis_url
+from gateway.resp import RespClient
 
 PREFIX = "liutong:"
 
@@ -32,11 +39,15 @@ class Scripts:
     record_usage: AsyncScript
 
 
+ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]  # script, KEYS, ARGV
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
     redis: Any  # redis.asyncio.Redis, RedisCluster or fakeredis's FakeRedis: the same interface
     scripts: Scripts
     embedded: bool
+    lane: RespClient | None = None  # the request path's client, against one server
 
     async def load_scripts(self) -> None:
         """Load every script now (on every primary of a Cluster), so that the first pipelined
@@ -44,14 +55,56 @@ class Store:
         for script in (self.scripts.acquire, self.scripts.finish, self.scripts.record_usage):
             await self.redis.script_load(script.script)
 
+    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA one script (loading it first if the server lost it)."""
+        if self.lane is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.lane.execute("SCRIPT", "LOAD", script.script)
+            return await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def run_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """EVALSHA several scripts in one pipeline; each reply, or the error (an exception
+        instance) in its place. Scripts the server lost are loaded and those calls run again."""
+        replies = await self._pipeline(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await self.load_scripts()  # the server restarted or failed over
+            again = await self._pipeline([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        if self.lane is not None:
+            return await self.lane.execute_many(
+                [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
+            )
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
     async def close(self) -> None:
+        if self.lane is not None:
+            await self.lane.aclose()
         await self.redis.aclose()
 
 
 def open_store(redis_url: str | None, *, timeout: float = 0.5, max_connections: int = 64) -> Store:
+    lane = None
     if redis_url:
-        client = connect(parse_redis_url(redis_url), timeout=timeout, max_connections=max_connections)
+        target = parse_redis_url(redis_url)
+        client = connect(target, timeout=timeout, max_connections=max_connections)
         embedded = False
+        if target.mode == "standalone" and redis_url.startswith("redis://"):
+            where = parse_url(redis_url)
+            lane = RespClient(
+                where.get("host", "localhost"), int(where.get("port", 6379)), db=int(where.get("db", 0)),
+                username=where.get("username"), password=where.get("password"), timeout=timeout,
+            )  # fmt: skip
     else:
         import fakeredis
 
@@ -62,7 +115,7 @@ def open_store(redis_url: str | None, *, timeout: float = 0.5, max_connections: 
         finish=client.register_script(_lua("finish")),
         record_usage=client.register_script(_lua("record_usage")),
     )
-    return Store(redis=client, scripts=scripts, embedded=embedded)
+    return Store(redis=client, scripts=scripts, embedded=embedded, lane=lane)
 
 
 # --- key names ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ writes what it can for a few seconds and spools the rest, so SIGTERM loses no re
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections import deque
@@ -30,11 +31,11 @@ from typing import Any, TypeVar
 
 import orjson
 import structlog
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from gateway import store as names
 from gateway.spool import MemorySpool, Spool
-from gateway.store import Store
+from gateway.store import ScriptCall, Store
 
 log = structlog.get_logger("liutong.usage")
 
@@ -62,6 +63,12 @@ def new_record_id() -> str:
 def day_index(day: str) -> str:
     """The set of `key:<key_id>` and `org:<org>` with usage on `day` (`YYYYMMDD`, UTC)."""
     return f"{names.PREFIX}{names.USAGE_TAG}:active:d:{day}"
+
+
+@functools.lru_cache(maxsize=64)
+def _periods(hour: int) -> tuple[str, str]:
+    stamp = time.gmtime(hour * 3600)
+    return time.strftime("h:%Y%m%d%H", stamp), time.strftime("d:%Y%m%d", stamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +144,7 @@ class UsageRecord:
 
     def periods(self) -> tuple[str, str]:
         """The record's hour and day (UTC), as used in aggregate key names."""
-        stamp = time.gmtime(self.started_at)
-        return time.strftime("h:%Y%m%d%H", stamp), time.strftime("d:%Y%m%d", stamp)
+        return _periods(int(self.started_at // 3600))
 
     def aggregate_keys(self) -> list[str]:
         periods = self.periods()
@@ -404,39 +410,31 @@ class UsageWriter:
     async def _write(self, batch: Sequence[Settlement]) -> None:
         """One pipeline for the batch's unfinished steps; raises if any step failed."""
         scripts = self._store.scripts
-        for _attempt in range(2):
-            calls: list[tuple[Settlement, int]] = []
-            pipe = self._store.redis.pipeline(transaction=False)
-            for item in batch:
-                if not item.done[0]:
-                    pipe.evalsha(scripts.finish.sha, len(item.finish_keys), *item.finish_keys, *item.finish_args)
-                    calls.append((item, 0))
-                if item.record is not None and not item.done[1]:
-                    keys, args = item.record.script_call(self._writer_id, self._marker_ttl, self._stream_maxlen)
-                    pipe.evalsha(scripts.record_usage.sha, len(keys), *keys, *args)
-                    calls.append((item, 1))
-            if not calls:
-                return
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                results = await pipe.execute(raise_on_error=False)
-            missing_scripts = False
-            error: BaseException | None = None
-            for (item, step), result in zip(calls, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    missing_scripts = True
-                elif isinstance(result, BaseException):
-                    error = error or result
-                else:
-                    item.done[step] = True
-                    # 2: this writer wrote it before and lost the reply, so it was never counted.
-                    if step == 1 and result in (1, 2) and self._on_written is not None:
-                        self._written(item.record)  # type: ignore[arg-type]
-            if error is not None:
-                raise error
-            if not missing_scripts:
-                return
-            await self._store.load_scripts()  # the server restarted or failed over
-        raise NoScriptError("the usage scripts could not be loaded")
+        calls: list[ScriptCall] = []
+        steps: list[tuple[Settlement, int]] = []
+        for item in batch:
+            if not item.done[0]:
+                calls.append((scripts.finish, item.finish_keys, item.finish_args))
+                steps.append((item, 0))
+            if item.record is not None and not item.done[1]:
+                keys, args = item.record.script_call(self._writer_id, self._marker_ttl, self._stream_maxlen)
+                calls.append((scripts.record_usage, keys, args))
+                steps.append((item, 1))
+        if not calls:
+            return
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            results = await self._store.run_many(calls)
+        error: BaseException | None = None
+        for (item, step), result in zip(steps, results, strict=True):
+            if isinstance(result, BaseException):
+                error = error or result
+            else:
+                item.done[step] = True
+                # 2: this writer wrote it before and lost the reply, so it was never counted.
+                if step == 1 and result in (1, 2) and self._on_written is not None:
+                    self._written(item.record)  # type: ignore[arg-type]
+        if error is not None:
+            raise error
 
     def _written(self, record: UsageRecord) -> None:
         try:

@@ -130,24 +130,19 @@ async def test_a_lost_reply_is_retried_without_a_duplicate_and_counted_once(stor
     finds this writer's own marker (reply 2) and counts the record then, once."""
     written = Written()
     writer = UsageWriter(store, spool=FileSpool(tmp_path / "u.spool"), on_written=written)
-    real_pipeline = store.redis.pipeline
+    assert store.lane is not None  # the request path's client: its pipelines carry the writes
+    lane = store.lane
+    real_execute_many = lane.execute_many
     lost = [True]
 
-    def pipeline(**kwargs: Any) -> Any:
-        pipe = real_pipeline(**kwargs)
-        execute = pipe.execute
+    async def execute_then_lose(commands: Any) -> Any:
+        result = await real_execute_many(commands)
+        if lost[0]:
+            lost[0] = False
+            raise RedisConnectionError("reply lost")
+        return result
 
-        async def execute_then_lose(**kw: Any) -> Any:
-            result = await execute(**kw)
-            if lost[0]:
-                lost[0] = False
-                raise RedisConnectionError("reply lost")
-            return result
-
-        pipe.execute = execute_then_lose
-        return pipe
-
-    store.redis.pipeline = pipeline  # type: ignore[method-assign]
+    lane.execute_many = execute_then_lose  # type: ignore[method-assign]
     try:
         writer.start()
         recs = [record(i) for i in range(20)]
@@ -155,7 +150,7 @@ async def test_a_lost_reply_is_retried_without_a_duplicate_and_counted_once(stor
             writer.submit(settlement(rec))
         await until(lambda: _true(writer.pending == 0 and not lost[0]), what="the replay")
     finally:
-        store.redis.pipeline = real_pipeline  # type: ignore[method-assign]
+        lane.execute_many = real_execute_many  # type: ignore[method-assign]
         await writer.close()
     stored = await stream_records(store)
     assert sorted(r.request_id for r in stored) == sorted(r.request_id for r in recs)
