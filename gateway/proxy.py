@@ -161,8 +161,7 @@ async def _open_upstream(
     failed, or the upstream answered 503 (it refused the work). Bounded by `upstream_retries`
     and, with the whole loop, by the first-byte deadline.
     """
-    timeouts = pool.route.timeouts
-    client_timeout = ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect)
+    client_timeout = pool.client_timeout
     tried: list[Upstream] = []
     while True:
         upstream = pool.pick(avoid=tried)

@@ -64,6 +64,9 @@ class Pool:
         ]
         self._clock = clock
         self._next = 0
+        # Only a new TCP connection is timed by aiohttp (`connect` would arm a timer for every
+        # request, pooled connection or not); the first-byte deadline covers the rest.
+        self.client_timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=route.timeouts.connect)
 
     def pick(self, avoid: list[Upstream] | tuple[Upstream, ...] = ()) -> Upstream:
         """The next upstream for a request, skipping ejected and full ones and those in `avoid`."""

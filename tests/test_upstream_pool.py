@@ -170,3 +170,44 @@ async def test_active_health_checks_take_an_upstream_out_and_back(make_gateway, 
         assert pool.upstreams[0].check_healthy
     finally:
         await runner.cleanup()
+
+
+async def test_an_upstream_that_never_accepts_times_out_on_connect_and_is_retried(
+    make_gateway, mock_upstream, redis_url, http
+):
+    """A listener whose accept queue is full drops SYNs: the TCP connect hangs. `connect` bounds
+    it (timed by aiohttp for new connections only), and the request goes to the next upstream."""
+    import socket
+
+    clogged = socket.socket()
+    clogged.bind(("127.0.0.1", 0))
+    clogged.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue; later connects to it get no SYN-ACK
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(clogged.getsockname())
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        stuck = f"http://127.0.0.1:{clogged.getsockname()[1]}"
+        settings = gateway_settings(mock_upstream, redis_url)
+        timeouts = Timeouts(connect=0.3, first_byte=10, idle=10, total=30)
+        models = {m: ModelRoute(m, (stuck, mock_upstream), timeouts) for m in SEED_MODELS}
+        gateway = await make_gateway(settings=settings.__class__(**{**_fields(settings), "models": models}))
+        key, _ = await gateway.create_key()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with http.post(gateway.url + CHAT, json=chat_body(), headers=auth(key)) as resp:
+            assert resp.status == 200, await resp.text()
+        assert 0.25 <= loop.time() - started < 3
+        only_stuck = {m: ModelRoute(m, (stuck,), timeouts) for m in SEED_MODELS}
+        alone = await make_gateway(settings=settings.__class__(**{**_fields(settings), "models": only_stuck}))
+        key, _ = await alone.create_key()
+        async with http.post(alone.url + CHAT, json=chat_body(), headers=auth(key)) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"]["code"] == "upstream_unavailable"
+    finally:
+        for filler in fillers:
+            filler.close()
+        clogged.close()
