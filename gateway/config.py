@@ -147,6 +147,13 @@ class Settings:
     request_body_timeout: float = 30.0
     # Seconds an idle client keep-alive connection stays open.
     keepalive_timeout: float = 75.0
+    # Seconds from a connection's start, or from the first byte of a request on a keep-alive
+    # connection, to the end of the request's headers (a slow sender gets 408 and is closed).
+    request_header_timeout: float = 10.0
+    # The longest request line or header field (name and value), in bytes, and the most header
+    # fields a request may have (a request over either gets 431); aiohttp's defaults.
+    max_header_bytes: int = 8190
+    max_headers: int = 128
     log_level: str = "info"
     # Usage records wait in this append-only file while the store is unreachable (relative to
     # the working directory; None or "off": in memory only, lost on exit). See `spool.py`.
@@ -478,7 +485,8 @@ _TOP_LEVEL = {
     "listen", "admin_listen", "admin", "redis_url", "models", "limits", "timeouts", "max_body_bytes",
     "store_outage_policy", "fail_open_share", "store_timeout", "store_max_connections",
     "key_cache_ttl", "key_cache_stale_ttl", "default_max_tokens", "concurrency_lease_seconds",
-    "drain_grace_seconds", "upstream_retries", "request_body_timeout", "keepalive_timeout", "log_level",
+    "drain_grace_seconds", "upstream_retries", "request_body_timeout", "keepalive_timeout",
+    "request_header_timeout", "max_header_bytes", "max_headers", "log_level",
     "usage_spool_path", "usage_spool_fsync", "usage_spool_fsync_interval", "usage_stream_maxlen",
 }  # fmt: skip
 
@@ -522,6 +530,9 @@ ENV_SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "UPSTREAM_RETRIES": (("upstream_retries",), str),
     "REQUEST_BODY_TIMEOUT": (("request_body_timeout",), str),
     "KEEPALIVE_TIMEOUT": (("keepalive_timeout",), str),
+    "REQUEST_HEADER_TIMEOUT": (("request_header_timeout",), str),
+    "MAX_HEADER_BYTES": (("max_header_bytes",), str),
+    "MAX_HEADERS": (("max_headers",), str),
     "LOG_LEVEL": (("log_level",), str),
     "USAGE_SPOOL_PATH": (("usage_spool_path",), str),
     "USAGE_SPOOL_FSYNC": (("usage_spool_fsync",), str),
@@ -631,6 +642,11 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
             tree.get("request_body_timeout", defaults.request_body_timeout), "request_body_timeout"
         ),
         keepalive_timeout=_float(tree.get("keepalive_timeout", defaults.keepalive_timeout), "keepalive_timeout"),
+        request_header_timeout=_float(
+            tree.get("request_header_timeout", defaults.request_header_timeout), "request_header_timeout"
+        ),
+        max_header_bytes=_int(tree.get("max_header_bytes", defaults.max_header_bytes), "max_header_bytes", minimum=256),
+        max_headers=_int(tree.get("max_headers", defaults.max_headers), "max_headers", minimum=8),
         log_level=log_level,
         usage_spool_path=None if spool_path in (None, "off") else spool_path,
         usage_spool_fsync=fsync,

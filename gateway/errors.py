@@ -2,6 +2,7 @@
 
     GatewayError (status, type, code, param)
     ├── BadRequest            400 invalid_request_error           (param = the field's path)
+    │   └── MalformedRequest  400 invalid_request_error / malformed_request (not HTTP/1.1: `http_server.py`)
     ├── InvalidApiKey         401 invalid_request_error / invalid_api_key
     ├── Unauthorized          401 invalid_request_error / invalid_token     (admin API: bad JWT)
     ├── Forbidden             403 permission_error / insufficient_role      (admin API: role)
@@ -9,10 +10,11 @@
     ├── NotFound              404 invalid_request_error
     ├── MethodNotAllowed      405 invalid_request_error
     ├── Conflict              409 invalid_request_error                     (code names the conflict)
-    ├── RequestTimeout        408 invalid_request_error / request_timeout   (body sent too slowly)
+    ├── RequestTimeout        408 invalid_request_error / request_timeout   (head or body sent too slowly)
     ├── BodyTooLarge          413 invalid_request_error
     ├── UnsupportedMediaType  415 invalid_request_error
     ├── RateLimited           429 <requests|tokens|concurrency> / rate_limit_exceeded
+    ├── HeadersTooLarge       431 invalid_request_error / request_header_fields_too_large
     ├── UpstreamError         502 upstream_error / upstream_unavailable
     ├── NoHealthyUpstream     503 upstream_error / no_healthy_upstream
     ├── Draining              503 upstream_error / draining
@@ -21,6 +23,8 @@
     └── UpstreamTimeout       504 upstream_error / upstream_timeout
 
 Handlers raise these; one middleware (`app.py`) turns them into responses and counts them.
+A request head that never completes or does not parse never reaches a handler: the connection's
+protocol (`http_server.py`) answers those with the same JSON and closes the connection.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class MalformedRequest(BadRequest):
+    """The request line or a header field is not valid HTTP/1.1."""
+
+    code = "malformed_request"
 
 
 class InvalidApiKey(GatewayError):
@@ -126,6 +136,14 @@ class RateLimited(GatewayError):
         self.limit = limit
         self.scope = scope
         self.type = limit  # `requests`, `tokens` or `concurrency`, as OpenAI names them
+
+
+class HeadersTooLarge(GatewayError):
+    """A header field (or the request line) over `max_header_bytes`, or over `max_headers` fields."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class UpstreamError(GatewayError):
