@@ -37,6 +37,7 @@ from gateway.keys import KeyService
 from gateway.metrics import Metrics
 from gateway.proxy import chat_completions
 from gateway.ratelimit import Limiter
+from gateway.redis_topology import ping_primaries
 from gateway.spool import open_spool
 from gateway.state import EXCHANGE, STATE, AppState, Exchange
 from gateway.store import Store, open_store
@@ -200,17 +201,19 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def _monitor_store(state: AppState, interval: float = 0.25) -> None:
-    """Keep `store_ok` (and `/readyz`) within a second of the store's real state."""
+    """Keep `store_ok` (and `/readyz`) within a second of the store's real state.
+
+    On a Cluster every primary is pinged: `store_ok` (readiness, `liutong_store_up`) needs them
+    all, since the keys of a silent primary's slots cannot be served; the limiter stops waiting
+    on the store only when none answers, so that the other slots' keys are still served.
+    """
     while True:
-        try:
-            await asyncio.wait_for(state.store.redis.ping(), timeout=state.settings.store_timeout)
-            ok = True
-        except Exception:
-            ok = False
+        answered, asked = await ping_primaries(state.store.redis, state.settings.store_timeout)
+        ok = answered == asked
         if ok != state.store_ok:
-            log.warning("store_state_changed", up=ok)
+            log.warning("store_state_changed", up=ok, primaries_answering=answered, primaries=asked)
         state.store_ok = ok
-        state.limiter.store_down = not ok
+        state.limiter.store_down = answered == 0
         if ok:
             state.limiter.set_degraded(False)
         state.metrics.store_up.set(1 if ok else 0)

@@ -9,7 +9,7 @@ rather than fail at once, so that a burst larger than the pool is answered with 
 - `redis+cluster://[user:password@]host:port[,host:port…]` (`rediss+cluster://` for TLS): a Redis
   Cluster. The nodes listed are seeds; the rest of the topology is discovered and followed
   through MOVED/ASK and failovers. A script runs on the slot of its keys' `{hash tag}`, and
-  `SCRIPT LOAD` goes to every primary.
+  `SCRIPT LOAD` goes to every primary, as does readiness's PING (`ping_primaries`).
 - `redis+sentinel://[user:password@]host:port[,host:port…]/service[/db]` (`rediss+sentinel://`):
   the master of `service`, asked of these sentinels, and asked again after a failover. The
   user and password are the master's; `?sentinel_username=…&sentinel_password=…` are the
@@ -177,6 +177,29 @@ class _BoundedCluster(RedisCluster):
         except RedisClusterException as exc:  # no startup node reachable, or slots not covered
             raise ClusterUnreachable(str(exc)) from exc
 
+    async def ping_primaries(self, timeout: float) -> tuple[int, int]:
+        """PING every primary, each on its own within `timeout` seconds: (how many answered, how
+        many primaries there are). When one does not answer, the topology is read again at once
+        (a failover may have promoted its replica), so that this follows the Cluster even when
+        no request does. The pings bypass the turns: a burst of requests cannot starve them (a
+        node's pool keeps `_SPARE_CLUSTER_CONNECTIONS` connections beyond the turns)."""
+        await self.initialize()  # ClusterUnreachable when no seed answers
+
+        async def answers(node: ClusterNode) -> bool:
+            try:
+                async with asyncio.timeout(timeout):
+                    await node.execute_command("PING")
+            except Exception:
+                return False
+            return True
+
+        primaries = self.get_primaries()
+        answered = sum(await asyncio.gather(*(answers(node) for node in primaries)))
+        if answered < len(primaries):
+            with contextlib.suppress(Exception):  # no node answers CLUSTER SLOTS: the next call retries
+                await self.nodes_manager.initialize()
+        return answered, len(primaries)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.turn():
             try:
@@ -286,6 +309,23 @@ def connect(target: RedisTarget, *, timeout: float, max_connections: int) -> Any
         target, timeout, connection_pool_class=_BlockingSentinelPool, max_connections=max_connections,
         timeout=timeout, **common,
     )  # fmt: skip
+
+
+async def ping_primaries(client: Any, timeout: float) -> tuple[int, int]:
+    """PING the store the way readiness needs it: every primary of a Cluster, else the one
+    server (the master, under Sentinel), within `timeout` seconds each. Returns (how many
+    answered, how many were asked); never raises."""
+    if isinstance(client, _BoundedCluster):
+        try:
+            return await client.ping_primaries(timeout)
+        except Exception:  # no node reachable at all
+            return 0, max(1, len(client.get_primaries()))
+    try:
+        async with asyncio.timeout(timeout):
+            await client.ping()
+    except Exception:
+        return 0, 1
+    return 1, 1
 
 
 def pubsub_client(url: str, *, connect_timeout: float) -> aioredis.Redis:

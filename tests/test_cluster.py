@@ -348,6 +348,50 @@ async def test_four_replicas_share_one_limit_on_a_cluster(
     assert admitted == 120, f"admitted {admitted}; tokens that could have refilled meanwhile: {extra}"
 
 
+async def _readyz(http: aiohttp.ClientSession, gw: Gateway) -> tuple[int, dict[str, Any]]:
+    async with http.get(gw.url + "/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def _readyz_until(
+    http: aiohttp.ClientSession, gw: Gateway, status: int, within: float, store: str | None = None
+) -> dict[str, Any]:
+    """Poll `/readyz` until it answers `status` (and, given `store`, that `"store"`)."""
+    deadline = time.monotonic() + within
+    while True:
+        got, body = await _readyz(http, gw)
+        if (got == status and body.get("store", store) == store) or time.monotonic() > deadline:
+            assert (got, body.get("store", store)) == (status, store), body
+            return body
+        await asyncio.sleep(0.05)
+
+
+async def test_readyz_pings_every_primary(
+    start_gateway: Any, cluster: LocalCluster, cluster_url: str, http: aiohttp.ClientSession
+) -> None:
+    closed = await start_gateway(cluster_url)
+    open_ = await start_gateway(cluster_url, store_outage_policy="fail_open")
+    for gw in (closed, open_):
+        await _readyz_until(http, gw, 200, within=5, store="up")
+    # A primary other than the one the client would ping by default stops answering clients
+    # (CLIENT PAUSE ALL holds PING too; the cluster bus goes on, so no failover starts).
+    default = closed.state.store.redis.get_default_node().port
+    silent = next(c for c in cluster.primaries() if c.connection_pool.connection_kwargs["port"] != default)
+    try:
+        silent.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        paused = time.monotonic()
+        body = await _readyz_until(http, closed, 503, within=1.5)
+        assert body["reasons"] == ["store_unavailable"], body
+        await _readyz_until(http, open_, 200, within=1.5, store="degraded (fail_open)")
+        assert time.monotonic() - paused < 2.5  # both seen while the primary is still silent
+        # The limiter still tries the store: the other primaries' slots are served meanwhile.
+        assert not closed.state.limiter.store_down and not open_.state.limiter.store_down
+        for gw in (closed, open_):
+            await _readyz_until(http, gw, 200, within=5, store="up")
+    finally:
+        silent.close()
+
+
 async def test_a_master_fails_over_and_its_replica_gets_the_scripts(
     start_gateway: Any, cluster: LocalCluster, cluster_url: str, http: aiohttp.ClientSession
 ) -> None:
@@ -366,6 +410,10 @@ async def test_a_master_fails_over_and_its_replica_gets_the_scripts(
 
     cluster.process[dead].kill()
     cluster.process[dead].wait()
+    # Readiness follows the failover on its own, with no request to refresh the topology:
+    # 503 while a primary is gone, 200 once its replica is promoted.
+    assert (await _readyz_until(http, gw, 503, within=1.5))["reasons"] == ["store_unavailable"]
+    await _readyz_until(http, gw, 200, within=20, store="up")
     statuses: list[int] = []
     deadline = time.monotonic() + 20
     while statuses[-3:] != [200] * 3 and time.monotonic() < deadline:
