@@ -34,6 +34,7 @@ from gateway.errors import (
 )
 from gateway.invalidation import Events, Subscriber
 from gateway.keys import KeyService
+from gateway.logs import info_line
 from gateway.metrics import Metrics
 from gateway.proxy import chat_completions
 from gateway.ratelimit import Limiter
@@ -132,25 +133,24 @@ def _account(state: AppState, request: web.Request, ex: Exchange) -> None:
         if ex.upstream_done_at is not None and not ex.stream:
             overhead += time.perf_counter() - ex.upstream_done_at
         state.metrics.overhead.observe(overhead)
-    log.info(
-        "request",
-        request_id=ex.request_id,
-        method=request.method,
-        path=request.path,
-        status=ex.status,
-        key_id=ex.key_id,
-        org=ex.org,
-        model=state.metrics.label(model) if model else None,
-        stream=ex.stream,
-        duration_ms=round(elapsed * 1000, 3),
-        upstream_ms=round((ex.upstream_done_at - ex.forwarded_at) * 1000, 3)
+    info_line("request", {
+        "request_id": ex.request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": ex.status,
+        "key_id": ex.key_id,
+        "org": ex.org,
+        "model": state.metrics.label(model) if model else None,
+        "stream": ex.stream,
+        "duration_ms": round(elapsed * 1000, 3),
+        "upstream_ms": round((ex.upstream_done_at - ex.forwarded_at) * 1000, 3)
         if ex.upstream_done_at is not None and ex.forwarded_at is not None
         else None,
-        prompt_tokens=ex.prompt_tokens,
-        completion_tokens=ex.completion_tokens,
-        usage_source=ex.usage_source,
-        error=ex.error_code,
-    )
+        "prompt_tokens": ex.prompt_tokens,
+        "completion_tokens": ex.completion_tokens,
+        "usage_source": ex.usage_source,
+        "error": ex.error_code,
+    })  # fmt: skip
 
 
 # --- small routes ---------------------------------------------------------------------------
@@ -165,13 +165,19 @@ async def readyz(request: web.Request) -> web.Response:
     reasons = []
     if state.draining:
         reasons.append("draining")
-    if not state.store_ok and state.settings.store_outage_policy == "fail_closed":
+    if state.limiter.store_down and state.settings.store_outage_policy == "fail_closed":
         reasons.append("store_unavailable")
     if not any(pool.healthy() for pool in state.pools.values()):
         reasons.append("no_healthy_upstream")
     if reasons:
         return _json(503, {"status": "unavailable", "reasons": reasons})
-    return _json(200, {"status": "ready", "store": "up" if state.store_ok else "degraded (fail_open)"})
+    if state.store_ok:
+        store = "up"
+    elif state.limiter.store_down:
+        store = "degraded (fail_open)"
+    else:  # some Cluster primaries answer: the keys on their slots are served
+        store = f"partial ({state.store_primaries[0]} of {state.store_primaries[1]} primaries answer)"
+    return _json(200, {"status": "ready", "store": store})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -203,9 +209,10 @@ async def list_models(request: web.Request) -> web.Response:
 async def _monitor_store(state: AppState, interval: float = 0.25) -> None:
     """Keep `store_ok` (and `/readyz`) within a second of the store's real state.
 
-    On a Cluster every primary is pinged: `store_ok` (readiness, `liutong_store_up`) needs them
-    all, since the keys of a silent primary's slots cannot be served; the limiter stops waiting
-    on the store only when none answers, so that the other slots' keys are still served.
+    On a Cluster every primary is pinged: `store_ok` (`liutong_store_up`) needs them all, since
+    the keys of a silent primary's slots cannot be served. Readiness under fail_closed, and the
+    limiter's fast-fail, need only one: while some primaries answer, the keys on their slots are
+    served, and every replica turning unready at once would refuse those too.
     """
     while True:
         answered, asked = await ping_primaries(state.store.redis, state.settings.store_timeout)
@@ -213,6 +220,7 @@ async def _monitor_store(state: AppState, interval: float = 0.25) -> None:
         if ok != state.store_ok:
             log.warning("store_state_changed", up=ok, primaries_answering=answered, primaries=asked)
         state.store_ok = ok
+        state.store_primaries = (answered, asked)
         state.limiter.store_down = answered == 0
         if ok:
             state.limiter.set_degraded(False)

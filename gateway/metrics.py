@@ -43,7 +43,7 @@ class Metrics:
                               multiprocess_mode="livesum")  # fmt: skip
         self.upstream_errors = Counter("liutong_upstream_errors", "Upstream failures, by reason.",
                                        ["model", "reason"], registry=r)  # fmt: skip
-        self.store_up = Gauge("liutong_store_up", "1 while the shared store answers.", registry=r,
+        self.store_up = Gauge("liutong_store_up", "1 while the shared store answers (on a Cluster: every primary).", registry=r,
                               multiprocess_mode="livemin")  # fmt: skip
         self.store_degraded = Gauge("liutong_store_degraded",
                                     "1 while serving under fail_open during a store outage.", registry=r,

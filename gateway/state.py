@@ -46,7 +46,8 @@ class AppState:
     drain_expired: bool = False
     # Upstream responses of the streams being relayed, so that the drain can end them.
     streams: set[Any] = field(default_factory=set)
-    store_ok: bool = True
+    store_ok: bool = True  # every primary answers the store monitor's ping
+    store_primaries: tuple[int, int] = (1, 1)  # primaries answering, primaries asked
     inflight: int = 0
     _orgs: dict[str, tuple[float, OrgLimits | None]] = field(default_factory=dict)
     _org_reads: dict[str, asyncio.Task[OrgLimits | None]] = field(default_factory=dict)  # one read per org
