@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
+from aiohttp import ClientConnectorError, ClientError, ConnectionTimeoutError, web
 from multidict import CIMultiDict
 
 from gateway.caller_jwt import caller_header
@@ -48,7 +48,6 @@ _NOT_RETURNED = frozenset((
     "trailer", "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server",
     "set-cookie", "x-request-id",
 ))  # fmt: skip
-_NO_TIMEOUT = ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None)
 
 
 def _is_json(content_type: str) -> bool:
