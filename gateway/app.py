@@ -302,6 +302,7 @@ def build_state(settings: Settings, *, store: Store | None = None, clock: Callab
             fail_open_share=settings.fail_open_share if settings.store_outage_policy == "fail_open" else None,
             clock=clock,
             on_degraded=degraded_changed,
+            overlap=settings.admission_overlap,
         ),
         usage=UsageWriter(
             store,

@@ -147,6 +147,9 @@ class Settings:
     request_body_timeout: float = 30.0
     # Seconds an idle client keep-alive connection stays open.
     keepalive_timeout: float = 75.0
+    # Forward a request while its limits are checked, when the store's last answer leaves ample
+    # room (see `ratelimit.py`); off: every request waits for the store before it is forwarded.
+    admission_overlap: bool = True
     # Seconds from a connection's start, or from the first byte of a request on a keep-alive
     # connection, to the end of the request's headers (a slow sender gets 408 and is closed).
     request_header_timeout: float = 10.0
@@ -184,6 +187,17 @@ def _int(value: Any, name: str, *, minimum: int = 0) -> int:
     if number < minimum:
         raise ConfigError(f"{name}: must be ≥ {minimum}, got {number}")
     return number
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("true", "1", "yes", "on"):
+        return True
+    if word in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
 
 def _float(value: Any, name: str, *, positive: bool = True) -> float:
@@ -488,6 +502,7 @@ _TOP_LEVEL = {
     "drain_grace_seconds", "upstream_retries", "request_body_timeout", "keepalive_timeout",
     "request_header_timeout", "max_header_bytes", "max_headers", "log_level",
     "usage_spool_path", "usage_spool_fsync", "usage_spool_fsync_interval", "usage_stream_maxlen",
+    "admission_overlap",
 }  # fmt: skip
 
 # `LIUTONG_<NAME>` → (path in the YAML tree, parser of the string). Documented in the README.
@@ -538,6 +553,7 @@ ENV_SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "USAGE_SPOOL_FSYNC": (("usage_spool_fsync",), str),
     "USAGE_SPOOL_FSYNC_INTERVAL": (("usage_spool_fsync_interval",), str),
     "USAGE_STREAM_MAXLEN": (("usage_stream_maxlen",), str),
+    "ADMISSION_OVERLAP": (("admission_overlap",), str),
     # The whole `models` section as YAML/JSON, e.g. '{"m": {"upstreams": ["http://u:9001"]}}'.
     "MODELS": (("models",), yaml.safe_load),
 }
@@ -654,6 +670,7 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
             tree.get("usage_spool_fsync_interval", defaults.usage_spool_fsync_interval), "usage_spool_fsync_interval"
         ),
         usage_stream_maxlen=_int(tree.get("usage_stream_maxlen", defaults.usage_stream_maxlen), "usage_stream_maxlen"),
+        admission_overlap=_flag(tree.get("admission_overlap", defaults.admission_overlap), "admission_overlap"),
     )
 
 

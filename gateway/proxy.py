@@ -11,7 +11,9 @@ record. Record statuses: the HTTP status sent, except 499 when the client went a
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -121,13 +123,38 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     plan = await state.plan_for(record)
     completion_allowance = (chat.max_tokens or state.settings.default_max_tokens) * chat.n
     reserve = state.limiter.reservation(plan, chat.prompt_estimate + completion_allowance, chat.max_tokens is not None)
+    if state.limiter.overlappable(plan, reserve):  # forward while the store decides
+        admission = state.limiter.admit_overlapped(plan, ex.request_id, reserve)
+        return await _forward(request, state, ex, chat, raw, pool, admission)
     try:
         grant = await state.limiter.acquire(plan, ex.request_id, reserve)
     except Exception:
         ex.limited = True
         raise
-    ex.ratelimit_headers = grant.headers
     return await _forward(request, state, ex, chat, raw, pool, grant)
+
+
+async def _admitted(ex: Exchange, admission: asyncio.Future[Grant]) -> Grant:
+    """The store's verdict on an overlapped request (it keeps running if the client leaves)."""
+    try:
+        grant = admission.result() if admission.done() else await asyncio.shield(admission)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        ex.limited = True
+        raise
+    ex.ratelimit_headers = grant.headers
+    return grant
+
+
+def _settle_when_admitted(admission: asyncio.Future[Grant], settle: Callable[[Grant], None]) -> None:
+    """Settle an overlapped request once its verdict arrives; nothing to settle if denied."""
+
+    def done(future: asyncio.Future[Grant]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            settle(future.result())
+
+    admission.add_done_callback(done)
 
 
 class _Attempt:
@@ -189,8 +216,21 @@ async def _open_upstream(
 
 
 async def _forward(
-    request: web.Request, state: AppState, ex: Exchange, chat: ChatRequest, raw: bytes, pool: Pool, grant: Grant
+    request: web.Request,
+    state: AppState,
+    ex: Exchange,
+    chat: ChatRequest,
+    raw: bytes,
+    pool: Pool,
+    admission: Grant | asyncio.Future[Grant],
 ) -> web.StreamResponse:
+    """Send the request upstream and relay the answer. `admission` is the grant, or the store's
+    verdict still on its way (overlapped admission): it is awaited before the client sees a byte."""
+    if isinstance(admission, Grant):
+        grant: Grant | None = admission
+        ex.ratelimit_headers = admission.headers
+    else:
+        grant = None
     timeouts = pool.route.timeouts
     metrics = state.metrics
     inflight = metrics.child(metrics.inflight, chat.model)
@@ -204,6 +244,8 @@ async def _forward(
     upstream_response = None
     ex.forwarded_at = forwarded_at = time.perf_counter()
     watch = IdleWatch()  # the first-byte, total and idle deadlines, one timer for all
+    if grant is None:
+        admission.add_done_callback(watch.interrupt)  # type: ignore[union-attr]
     try:
         headers = upstream_headers(request, ex.request_id, pool.route.api_key)
         if pool.route.caller_jwt is not None:  # who is calling, signed, instead of the client's key
@@ -217,10 +259,14 @@ async def _forward(
         except asyncio.CancelledError:
             if not watch.expired_now():
                 raise
+            if grant is None and admission.done():  # type: ignore[union-attr]
+                grant = await _admitted(ex, admission)  # type: ignore[arg-type]  # a denial raises here
             attempt.reached = True
             if attempt.upstream is not None:
                 _upstream_failed(state, pool, attempt.upstream, chat.model, "timeout")
             raise UpstreamTimeout("The upstream model server did not answer in time.") from None
+        if grant is None:
+            grant = await _admitted(ex, admission)  # type: ignore[arg-type]
         upstream = attempt.upstream
         assert upstream is not None
         metrics.child(metrics.ttft, chat.model).observe(time.perf_counter() - forwarded_at)
@@ -248,14 +294,23 @@ async def _forward(
             _upstream_failed(state, pool, upstream, chat.model, "connection")
             raise UpstreamError("The upstream model server broke the connection.") from None
         ex.upstream_done_at = time.perf_counter()
-        if upstream_response.status == 200:
-            usage, json_estimate = _json_usage(payload)
         record_status = upstream_response.status
-        return web.Response(
-            status=upstream_response.status, body=payload, headers=_returned_headers(upstream_response, grant.headers)
-        )
+        if record_status == 200:
+            usage, json_estimate = _json_usage(payload)
+        headers = _returned_headers(upstream_response, grant.headers)
+        headers["x-request-id"] = ex.request_id
+        response = web.Response(status=record_status, body=payload, headers=headers)
+        # Written here, so that the usage record, the metrics and the access log come after
+        # the client has its answer rather than before.
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:  # the client left; the upstream's work is still recorded
+            ex.status = 499
+        return response
     except asyncio.CancelledError:
-        record_status = 499
+        if ex.upstream_done_at is None:  # else the client left during the write of a finished answer
+            record_status = 499
         raise
     except Exception as exc:
         if not record_status:
@@ -268,7 +323,12 @@ async def _forward(
         attempt.release()
         inflight.dec()
         state.inflight -= 1
-        _settle(state, ex, chat, grant, attempt.reached, record_status or 500, usage, relay, json_estimate)
+        if grant is not None:
+            _settle(state, ex, chat, grant, attempt.reached, record_status or 500, usage, relay, json_estimate)
+        else:  # the upstream failed or the client left before the verdict arrived, or it denied
+            _settle_when_admitted(admission, functools.partial(  # type: ignore[arg-type]
+                _settle, state, ex, chat, reached=attempt.reached, status=record_status or 500, usage=usage,
+                relay=relay, json_estimate=json_estimate))  # fmt: skip
 
 
 async def _relay_stream(
@@ -290,6 +350,7 @@ async def _relay_stream(
     timeouts = state.pools[chat.model].route.timeouts
     read = upstream_response.content.readany
     failure: tuple[str, str, int] | None = None
+    salvaged = b""
     state.streams.add(upstream_response)
     try:
         wait = timeouts.first_byte
@@ -318,6 +379,7 @@ async def _relay_stream(
         return 499
     except ClientError:
         failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
+        salvaged = relay.feed(_unread(upstream_response.content))
     finally:
         watch.writing()
         state.streams.discard(upstream_response)
@@ -328,6 +390,8 @@ async def _relay_stream(
         reason = {"upstream_timeout": "idle_timeout", "draining": "drained"}.get(code, "stream_cut")
         state.metrics.upstream_errors.labels(chat.model, reason).inc()
     try:
+        if salvaged:
+            await response.write(salvaged)
         if failure is not None:
             await response.write(b"data: " + error_body(message, "upstream_error", None, code) + b"\n\n")
         await response.write_eof()
@@ -335,6 +399,18 @@ async def _relay_stream(
         return 499
     ex.upstream_done_at = time.perf_counter()
     return failure[2] if failure else 200
+
+
+def _unread(content: Any) -> bytes:
+    """The complete part of what arrived before the upstream broke the connection: aiohttp's
+    readers raise the error first and would drop it (aiohttp 3.x `StreamReader` internals)."""
+    buffer = getattr(content, "_buffer", None)
+    if not buffer:
+        return b""
+    data = b"".join(buffer)[getattr(content, "_buffer_offset", 0) :]
+    buffer.clear()
+    content._buffer_offset = 0
+    return data
 
 
 class IdleWatch:
@@ -389,7 +465,14 @@ class IdleWatch:
         """True when the CancelledError being handled is this watch's own (and only) one."""
         return self._expired and self._task.uncancel() <= self._cancelling
 
+    def interrupt(self, admission: asyncio.Future[Grant]) -> None:
+        """Stop waiting for the upstream now if the store denied this overlapped request."""
+        if self._due is not None and not admission.cancelled() and admission.exception() is not None:
+            self._expired = True
+            self._task.cancel()
+
     def close(self) -> None:
+        self._due = None
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

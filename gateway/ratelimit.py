@@ -6,14 +6,27 @@ concurrency lease is taken in the same step. The tpm buckets are debited an esti
 (run in the usage writer's pipeline, see `usage.py`) refunds or charges the difference to the
 real usage and releases the lease. Capacity is the per-minute figure, refilled continuously.
 The `x-ratelimit-*` headers report the tighter of the key's and the org's buckets.
+
+Overlapped admission: while the store's last answer for a plan (under a second old) leaves
+room for this request, for every request this replica has asked about since and for a margin,
+`overlappable` says so and the proxy sends the request upstream while the acquire is in flight,
+then waits for the verdict before the client sees a byte. The store still decides every request
+exactly: a denial that arrives after forwarding drops the upstream response and answers 429.
+With one replica that cannot happen (only its own requests spend the buckets), and the margin
+makes it rare with several. Near a limit every request waits for the store first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import hiredis
 from redis.exceptions import RedisError
 
 from gateway import store as names
@@ -21,6 +34,12 @@ from gateway.config import Limits
 from gateway.errors import RateLimited, StoreUnavailable
 from gateway.keys import KeyRecord
 from gateway.store import Store
+
+
+# Overlapped admission (see the module doc): the store's last answer must be this recent, and
+# leave this share of every limit free after the request.
+OVERLAP_FRESH_SECONDS = 1.0
+OVERLAP_MARGIN = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +137,44 @@ def _headers(plan: Plan, reply: list[int]) -> dict[str, str]:
     return headers
 
 
+class _Seen:
+    """The store's last answer about one plan, and what this replica has asked since."""
+
+    __slots__ = ("plan", "reply", "levels", "in_flight", "at", "asked", "asked_tokens")
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.reply: list[int] = []
+        self.levels: list[int] = []
+        self.in_flight = 0
+        self.at = -1e9  # monotonic seconds of the answer; never answered yet
+        self.asked = 0  # acquires sent and not yet answered
+        self.asked_tokens = 0
+
+    def ask(self, tokens: int) -> None:
+        self.asked += 1
+        self.asked_tokens += tokens
+
+    def unask(self, tokens: int) -> None:
+        self.asked -= 1
+        self.asked_tokens -= tokens
+
+    def answered(self, reply: list[int]) -> None:
+        self.reply = reply
+        self.in_flight = int(reply[3])
+        self.levels = [int(level) for level in reply[4::2]]
+        self.at = time.monotonic()
+
+
+def _copy_outcome(outcome: asyncio.Future[Grant], done: asyncio.Future[Grant]) -> None:
+    if done.cancelled():
+        outcome.cancel()
+    elif done.exception() is not None:
+        outcome.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        outcome.set_result(done.result())
+
+
 class LocalBuckets:
     """The same buckets as `acquire.lua`, in this process only: the fail_open fallback."""
 
@@ -183,6 +240,7 @@ class Limiter:
         fail_open_share: float | None = None,
         clock: Callable[[], float] | None = None,
         on_degraded: Callable[[bool], None] | None = None,
+        overlap: bool = True,
     ) -> None:
         self._store = store
         self._lease_ms = int(lease_seconds * 1000)
@@ -192,6 +250,30 @@ class Limiter:
         self.degraded = False
         # Set by the store monitor: while the store is known to be down, don't wait on it.
         self.store_down = False
+        self.overlap = overlap
+        self._seen: dict[str, _Seen] = {}
+
+    def overlappable(self, plan: Plan, tokens: int) -> bool:
+        """Whether this request may go upstream before the store's verdict (see the module doc)."""
+        seen = self._seen.get(plan.concurrency_key)
+        if (
+            seen is None
+            or (seen.plan is not plan and seen.plan != plan)
+            or not self.overlap
+            or self.store_down
+            or self.degraded
+            or time.monotonic() - seen.at > OVERLAP_FRESH_SECONDS
+        ):
+            return False
+        for bucket, level in zip(plan.buckets, seen.levels, strict=True):
+            if bucket.kind == "requests":
+                left = level - seen.asked - 1
+            else:
+                left = level - seen.asked_tokens - tokens
+            if left < bucket.capacity * OVERLAP_MARGIN:
+                return False
+        conc = plan.max_concurrent
+        return not conc or seen.in_flight + seen.asked + 1 <= conc * (1 - OVERLAP_MARGIN)
 
     def reservation(self, plan: Plan, estimate: int, explicit_max: bool) -> int:
         """Tokens to reserve. An estimate that only exceeds the bucket because of the default
@@ -201,24 +283,80 @@ class Limiter:
             return min(estimate, capacity)
         return estimate
 
-    async def acquire(self, plan: Plan, member: str, tokens: int) -> Grant:
-        keys = plan.keys
-        args: list[int | str] = [len(plan.buckets), member, plan.max_concurrent, self._lease_ms]
-        for bucket in plan.buckets:
-            args += [bucket.capacity, 1 if bucket.kind == "requests" else tokens]
-        local = False
+    async def acquire(self, plan: Plan, member: str, tokens: int, overlapped: bool = False) -> Grant:
+        """Admit one request or raise `RateLimited` (or `StoreUnavailable`). An `overlapped`
+        request, already sent upstream, is admitted on the store's last answer if the store
+        cannot be reached now (and is settled when it can): what an upstream saw is recorded."""
+        seen = self._seen_for(plan)
         try:
             if self.store_down:
                 raise ConnectionError("the store monitor saw the store down")
-            reply = await self._store.run(self._store.scripts.acquire, keys, args)
-            self.set_degraded(False)
+            seen.ask(tokens)
+            try:
+                reply = await self._store.run(self._store.scripts.acquire, plan.keys, self._args(plan, member, tokens))
+            finally:
+                seen.unask(tokens)
         except (RedisError, OSError):
+            seen.at = -1e9  # no more overlapping on this answer
+            if overlapped:
+                return Grant(plan, member, tokens, _headers(plan, seen.reply))
             if self._local is None or self._share is None:
                 raise StoreUnavailable("The limit store is unreachable; try again shortly.") from None
             self.set_degraded(True)
             plan = plan.scaled(self._share)
-            reply = self._local.acquire(plan, member, tokens)
-            local = True
+            return self._verdict(plan, member, tokens, self._local.acquire(plan, member, tokens), local=True)
+        seen.answered(reply)
+        self.set_degraded(False)
+        return self._verdict(plan, member, tokens, reply)
+
+    def admit_overlapped(self, plan: Plan, member: str, tokens: int) -> asyncio.Future[Grant]:
+        """`acquire(overlapped=True)` as a future, sent at once on the lean client's connection
+        (a callback, no task, in the steady state; the coroutine in a task otherwise)."""
+        sent = self._store.run_now(self._store.scripts.acquire, plan.keys, self._args(plan, member, tokens))
+        if sent is None:
+            return asyncio.ensure_future(self.acquire(plan, member, tokens, overlapped=True))
+        seen = self._seen_for(plan)
+        seen.ask(tokens)
+        outcome: asyncio.Future[Grant] = sent.get_loop().create_future()
+
+        def answered(reply_future: asyncio.Future[Any]) -> None:
+            seen.unask(tokens)
+            failure = ConnectionError("cancelled") if reply_future.cancelled() else reply_future.exception()
+            reply: Any = None if failure is not None else reply_future.result()
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                again = asyncio.ensure_future(self.acquire(plan, member, tokens, overlapped=True))
+                again.add_done_callback(functools.partial(_copy_outcome, outcome))
+                return
+            if failure is not None or isinstance(reply, hiredis.ReplyError):
+                seen.at = -1e9
+                outcome.set_result(Grant(plan, member, tokens, _headers(plan, seen.reply)))
+                return
+            seen.answered(reply)
+            self.set_degraded(False)
+            try:
+                outcome.set_result(self._verdict(plan, member, tokens, reply))
+            except RateLimited as exc:
+                outcome.set_exception(exc)
+
+        sent.add_done_callback(answered)
+        return outcome
+
+    def _seen_for(self, plan: Plan) -> _Seen:
+        seen = self._seen.get(plan.concurrency_key)
+        if seen is None or (seen.plan is not plan and seen.plan != plan):  # new, or its limits changed
+            if len(self._seen) >= 100_000:  # keys come and go; forget them all now and then
+                self._seen.clear()
+            seen = self._seen[plan.concurrency_key] = _Seen(plan)
+        return seen
+
+    def _args(self, plan: Plan, member: str, tokens: int) -> list[int | str]:
+        args: list[int | str] = [len(plan.buckets), member, plan.max_concurrent, self._lease_ms]
+        for bucket in plan.buckets:
+            args += [bucket.capacity, 1 if bucket.kind == "requests" else tokens]
+        return args
+
+    def _verdict(self, plan: Plan, member: str, tokens: int, reply: list[int], local: bool = False) -> Grant:
+        """The grant of an admitting reply (shaped like `acquire.lua`'s); `RateLimited` else."""
         verdict, culprit, retry_ms = int(reply[0]), int(reply[1]), int(reply[2])
         headers = _headers(plan, reply)
         if verdict == 1:

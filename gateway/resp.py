@@ -188,6 +188,14 @@ class RespClient:
             raise _error(reply)
         return reply
 
+    def send_now(self, *args: Any) -> asyncio.Future[_Reply] | None:
+        """One command, without awaiting anything: its reply (an error reply as a
+        `hiredis.ReplyError` value), or None when there is no open connection to send it on."""
+        connection = self._connection
+        if connection is None or connection.lost is not None:
+            return None
+        return connection.send(hiredis.pack_command(args))
+
     async def execute_many(self, commands: Sequence[tuple[Any, ...]]) -> list[_Reply]:
         """Several commands in one write; each error reply is returned in its place (as a
         `ResponseError`), a connection failure raises."""

@@ -13,6 +13,7 @@ everything else uses redis-py. Every Redis key the gateway uses is made here, st
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -64,6 +65,14 @@ class Store:
         except NoScriptError:
             await self.lane.execute("SCRIPT", "LOAD", script.script)
             return await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def run_now(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any] | None:
+        """EVALSHA one script at once on the lean client's open connection: the raw reply (an
+        error reply as a `hiredis.ReplyError` value); None when that is not possible (another
+        topology, or no open connection), and `run` is the way."""
+        if self.lane is None:
+            return None
+        return self.lane.send_now("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def run_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """EVALSHA several scripts in one pipeline; each reply, or the error (an exception

@@ -158,8 +158,22 @@ def test_unrelated_environment_is_ignored(write):
 
 
 @pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("", {}, True),
+        ("admission_overlap: false\n", {}, False),
+        ("admission_overlap: true\n", {"LIUTONG_ADMISSION_OVERLAP": "off"}, False),
+        ("admission_overlap: false\n", {"LIUTONG_ADMISSION_OVERLAP": "1"}, True),
+    ],
+)
+def test_admission_overlap_is_a_flag(write, text, env, expected):
+    assert load_settings(write(text), env).admission_overlap is expected
+
+
+@pytest.mark.parametrize(
     ("env", "field"),
     [
+        ({"LIUTONG_ADMISSION_OVERLAP": "perhaps"}, ("admission_overlap", "LIUTONG_ADMISSION_OVERLAP")),
         ({"LIUTONG_LISTEN_PORT": "eighty"}, ("listen.port", "LIUTONG_LISTEN_PORT")),
         ({"LIUTONG_TIMEOUTS_FIRST_BYTE": "-1"}, ("timeouts.first_byte", "LIUTONG_TIMEOUTS_FIRST_BYTE")),
         ({"LIUTONG_LIMITS_DEFAULT_RPM": "-5"}, ("limits.default.rpm", "LIUTONG_LIMITS_DEFAULT_RPM")),
@@ -260,6 +274,8 @@ BAD_FIELDS = [
     ("redis_url: ''\n", "redis_url"),
     ("max_body_bytes: 0\n", "max_body_bytes"),
     ("max_body_bytes: 8MB\n", "max_body_bytes"),
+    ("admission_overlap: sometimes\n", "admission_overlap"),
+    ("admission_overlap: 2\n", "admission_overlap"),
 ]
 
 

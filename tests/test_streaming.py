@@ -206,3 +206,24 @@ async def test_a_slow_body_gets_408_and_the_connection_closed(make_gateway, http
         body = await resp.json()
     assert time.monotonic() - started < 2.5
     assert body["error"]["code"] == "request_timeout"
+
+
+async def test_events_that_arrived_before_the_upstream_broke_are_still_relayed():
+    """aiohttp's readers raise a broken transfer before handing out what arrived before it;
+    `_unread` takes that data (its `StreamReader` internals, pinned here) so that it is relayed."""
+    from unittest import mock
+
+    from aiohttp import ClientPayloadError, StreamReader
+
+    from gateway.proxy import _unread
+
+    reader = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    reader.feed_data(b'data: {"n": 1}\n\ndata: {"n"')
+    assert await reader.readany() == b'data: {"n": 1}\n\ndata: {"n"'
+    reader.feed_data(b': 2}\n\n')
+    reader.feed_data(b'data: {"n": 3}\n\n')
+    reader.set_exception(ClientPayloadError("Response payload is not completed"))
+    with pytest.raises(ClientPayloadError):
+        await reader.readany()
+    assert _unread(reader) == b': 2}\n\ndata: {"n": 3}\n\n'
+    assert _unread(reader) == b""
