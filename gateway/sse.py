@@ -26,7 +26,7 @@ _DONE = b"data: [DONE]"
 
 
 class SSERelay:
-    __slots__ = ("_buffer", "_hide_usage", "usage", "content_events", "done", "events")
+    __slots__ = ("_buffer", "_hide_usage", "usage", "content_events", "done")
 
     def __init__(self, *, hide_usage: bool) -> None:
         self._buffer = b""
@@ -34,22 +34,14 @@ class SSERelay:
         self.usage: dict[str, Any] | None = None
         self.content_events = 0
         self.done = False
-        self.events = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
-        data = self._buffer + chunk if self._buffer else chunk
-        if data.endswith(_BOUNDARY):  # the usual case: the chunk ends on an event boundary
-            complete, self._buffer = data, b""
-        else:
-            end = data.rfind(_BOUNDARY)
-            if end < 0:
-                self._buffer = data
+        if self._buffer or b"\r" in chunk or not chunk.endswith(_BOUNDARY):
+            complete = self._complete(chunk)
+            if not complete:
                 return b""
-            end += 2
-            complete, self._buffer = data[:end], data[end:]
-        self.events += complete.count(_BOUNDARY)
+        else:  # the usual case: whole events, ending on an event boundary
+            complete = chunk
         contents = complete.count(_CONTENT)
         if contents:
             self.content_events += contents - complete.count(_EMPTY_CONTENT)
@@ -58,6 +50,19 @@ class SSERelay:
         mentions = complete.count(_USAGE)
         if mentions and mentions > complete.count(_NULL_USAGE[0]) + complete.count(_NULL_USAGE[1]):
             return self._take_usage(complete)
+        return complete
+
+    def _complete(self, chunk: bytes) -> bytes:
+        """The complete events among what is buffered and `chunk`; the rest stays buffered."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(_BOUNDARY)
+        if end < 0:
+            self._buffer = data
+            return b""
+        end += 2
+        complete, self._buffer = data[:end], data[end:]
         return complete
 
     def rest(self) -> bytes:
