@@ -171,3 +171,31 @@ async def test_a_store_lost_after_forwarding_still_serves_and_records_the_reques
         assert await client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
     finally:
         await client.aclose()
+
+
+async def test_a_client_gone_before_the_verdict_is_settled_when_it_arrives(make_gateway, http, redis_url):
+    gateway = await make_gateway(store_timeout=3.0)
+    key, record = await gateway.create_key("leaver", rpm=60)
+    async with http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=auth(key)) as resp:
+        assert resp.status == 200
+    await _pause_writes(redis_url, 800)
+    headers = {**auth(key), "x-request-id": "req-left-early"}
+    call = asyncio.create_task(http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=headers))
+    await asyncio.sleep(0.3)  # forwarded and answered upstream; the verdict waits at the store
+    assert await _requests_seen(gateway) == 2
+    call.cancel()  # the client leaves
+    await asyncio.sleep(1.0)  # the pause ends, the store admits it, the late settlement runs
+    await gateway.settled()
+    client = aioredis.from_url(redis_url)
+    try:
+        for _ in range(50):
+            entries = await client.xrange(USAGE_STREAM)
+            if len(entries) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        records = {fields[b"request_id"]: fields for _, fields in entries}
+        assert records[b"req-left-early"][b"status"] == b"499"
+        # its lease was released by the settlement, not left to expire
+        assert await client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
+    finally:
+        await client.aclose()
