@@ -343,7 +343,12 @@ class Limiter:
 
     def _seen_for(self, plan: Plan) -> _Seen:
         seen = self._seen.get(plan.concurrency_key)
-        if seen is None or (seen.plan is not plan and seen.plan != plan):  # new, or its limits changed
+        if seen is not None and seen.plan is not plan:
+            if seen.plan == plan:
+                seen.plan = plan
+            else:  # its limits changed: what the store said about the old ones does not apply
+                seen = None
+        if seen is None:
             if len(self._seen) >= 100_000:  # keys come and go; forget them all now and then
                 self._seen.clear()
             seen = self._seen[plan.concurrency_key] = _Seen(plan)

@@ -69,6 +69,8 @@ class AppState:
         if cached is not None and cached[0] is record and cached[1] is org and cached[2] is defaults:
             return cached[3]
         plan = plan_for(record, defaults, org)
+        if cached is not None and cached[3] == plan:
+            plan = cached[3]  # the same limits (a refreshed record): keep the object the limiter knows
         if len(self._plans) >= 100_000:
             self._plans.clear()
         self._plans[record.key_id] = (record, org, defaults, plan)

@@ -199,3 +199,20 @@ async def test_a_client_gone_before_the_verdict_is_settled_when_it_arrives(make_
         assert await client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
     finally:
         await client.aclose()
+
+
+async def test_new_limits_wait_for_the_store_and_a_refreshed_record_does_not(gateway, http):
+    key, record = await gateway.create_key("changing", rpm=100)
+    async with http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=auth(key)) as resp:
+        assert resp.status == 200
+    state, limiter = gateway.state, gateway.state.limiter
+    plan = await state.plan_for(record)
+    assert limiter.overlappable(plan, 10)
+    # The same limits read again (the key cache refreshes records): the same plan, still overlappable.
+    same = await state.keys.get(record.key_id)
+    assert same is not record and await state.plan_for(same) is plan
+    # New limits: what the store said about the old ones does not count.
+    changed = await state.keys.update(record.key_id, rpm=50)
+    new_plan = await state.plan_for(changed)
+    assert new_plan != plan
+    assert not limiter.overlappable(new_plan, 10)
