@@ -216,3 +216,19 @@ async def test_new_limits_wait_for_the_store_and_a_refreshed_record_does_not(gat
     new_plan = await state.plan_for(changed)
     assert new_plan != plan
     assert not limiter.overlappable(new_plan, 10)
+
+
+async def test_an_overlapped_request_after_a_script_flush_reloads_and_is_admitted(gateway, http, redis_url):
+    key, _ = await gateway.create_key("flushed", rpm=60)
+    async with http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=auth(key)) as resp:
+        assert resp.status == 200
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.script_flush()
+        async with http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=auth(key)) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-ratelimit-remaining-requests"] == "58"  # the store's answer, not a fallback
+        sha = gateway.state.store.scripts.acquire.sha
+        assert (await client.script_exists(sha)) == [True]
+    finally:
+        await client.aclose()
