@@ -349,13 +349,16 @@ def render(
 
 
 _SECTION = re.compile(r"<!-- bench:section (?P<label>.+?) -->\n.*?<!-- /bench:section (?P=label) -->\n", re.S)
+_NOTES = re.compile(r"<!-- bench:notes -->\n.*?<!-- /bench:notes -->\n", re.S)
 
 
 def write(path: Path, label: str, section: str) -> None:
-    """Rewrite `path`: the header, this label's section first, then the other labels' sections."""
-    kept = []
+    """Rewrite `path`: the header, the hand-written notes (fenced by `<!-- bench:notes -->`),
+    this label's section, then the other labels' sections."""
+    notes: list[str] = []
+    others: list[str] = []
     if path.exists():
-        for match in _SECTION.finditer(path.read_text(encoding="utf-8")):
-            if match["label"] != label:
-                kept.append(match.group(0))
-    path.write_text("\n".join([HEADER, section, *kept]), encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        notes = [m.group(0) for m in _NOTES.finditer(text)]
+        others = [m.group(0) for m in _SECTION.finditer(text) if m["label"] != label]
+    path.write_text("\n".join([HEADER, *notes, section, *others]), encoding="utf-8")
