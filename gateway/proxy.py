@@ -313,6 +313,8 @@ async def _forward(
             record_status = 499
         raise
     except Exception as exc:
+        if grant is None:  # the verdict first: its headers go on the error, and a denial answers instead
+            grant = await _admitted(ex, admission)  # type: ignore[arg-type]
         if not record_status:
             record_status = getattr(exc, "status", 500)
         raise

@@ -159,6 +159,11 @@ class _Seen:
         self.asked -= 1
         self.asked_tokens -= tokens
 
+    def provisional(self, member: str, tokens: int) -> Grant:
+        """The grant of an overlapped request that the store could not decide: it was forwarded
+        on the last answer, whose figures its headers carry (none if the plan is newer)."""
+        return Grant(self.plan, member, tokens, _headers(self.plan, self.reply) if self.reply else {})
+
     def answered(self, reply: list[int]) -> None:
         self.reply = reply
         self.in_flight = int(reply[3])
@@ -299,7 +304,7 @@ class Limiter:
         except (RedisError, OSError):
             seen.at = -1e9  # no more overlapping on this answer
             if overlapped:
-                return Grant(plan, member, tokens, _headers(plan, seen.reply))
+                return seen.provisional(member, tokens)
             if self._local is None or self._share is None:
                 raise StoreUnavailable("The limit store is unreachable; try again shortly.") from None
             self.set_degraded(True)
@@ -329,7 +334,7 @@ class Limiter:
                 return
             if failure is not None or isinstance(reply, hiredis.ReplyError):
                 seen.at = -1e9
-                outcome.set_result(Grant(plan, member, tokens, _headers(plan, seen.reply)))
+                outcome.set_result(seen.provisional(member, tokens))
                 return
             seen.answered(reply)
             self.set_degraded(False)

@@ -232,3 +232,27 @@ async def test_an_overlapped_request_after_a_script_flush_reloads_and_is_admitte
         assert (await client.script_exists(sha)) == [True]
     finally:
         await client.aclose()
+
+
+def test_a_provisional_grant_without_an_answer_carries_no_limit_headers():
+    from gateway.ratelimit import Bucket, Plan, _Seen
+
+    plan = Plan((Bucket("b:rpm", "requests", "key", 60),), "b:inflight", 0)
+    seen = _Seen(plan)
+    assert seen.provisional("req-1", 5).headers == {}
+    seen.answered([1, 0, 0, 1, 41, 19000])
+    grant = seen.provisional("req-2", 5)
+    assert grant.plan is plan and grant.reserved_tokens == 5
+    assert grant.headers["x-ratelimit-remaining-requests"] == "41"
+
+
+async def test_an_upstream_error_on_an_overlapped_request_carries_the_store_headers(gateway, http):
+    key, _ = await gateway.create_key("failing", rpm=60)
+    async with http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=auth(key)) as resp:
+        assert resp.status == 200
+    # The mock closes the connection without an answer: the gateway's own 502.
+    headers = {**auth(key), "x-mock-drop-after": "0"}
+    async with http.post(gateway.url + CHAT, json=chat_body(max_tokens=4), headers=headers) as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "upstream_unavailable"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "58"
