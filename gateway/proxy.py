@@ -138,8 +138,6 @@ async def _admitted(ex: Exchange, admission: asyncio.Future[Grant]) -> Grant:
     """The store's verdict on an overlapped request (it keeps running if the client leaves)."""
     try:
         grant = admission.result() if admission.done() else await asyncio.shield(admission)
-    except asyncio.CancelledError:
-        raise
     except Exception:
         ex.limited = True
         raise
@@ -327,7 +325,7 @@ async def _forward(
         state.inflight -= 1
         if grant is not None:
             _settle(state, ex, chat, grant, attempt.reached, record_status or 500, usage, relay, json_estimate)
-        else:  # the upstream failed or the client left before the verdict arrived, or it denied
+        else:  # the client left before the verdict arrived, or it denied the request
             _settle_when_admitted(admission, functools.partial(  # type: ignore[arg-type]
                 _settle, state, ex, chat, reached=attempt.reached, status=record_status or 500, usage=usage,
                 relay=relay, json_estimate=json_estimate))  # fmt: skip

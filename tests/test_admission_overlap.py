@@ -32,6 +32,22 @@ async def _drain_bucket(redis_url: str, key_id: str) -> None:
     await client.aclose()
 
 
+async def _records_and_leases(redis_url: str, key_id: str, *, at_least: int) -> tuple[dict[bytes, dict], int]:
+    """The usage records by request id (after waiting up to 5 s for `at_least` of them), and
+    how many concurrency leases the key still holds."""
+    client = aioredis.from_url(redis_url)
+    try:
+        for _ in range(50):
+            entries = await client.xrange(USAGE_STREAM)
+            if len(entries) >= at_least:
+                break
+            await asyncio.sleep(0.1)
+        leases = await client.zcard(concurrency_set(limit_tag(key_id, None), key_id))
+    finally:
+        await client.aclose()
+    return {fields[b"request_id"]: fields for _, fields in entries}, leases
+
+
 async def _pause_writes(redis_url: str, ms: int) -> None:
     client = aioredis.from_url(redis_url)
     await client.execute_command("CLIENT", "PAUSE", ms, "WRITE")
@@ -121,12 +137,8 @@ async def _denied_after_forwarding(gateway, http, redis_url, stream: bool) -> No
     assert time.monotonic() - started < 2.0
     assert await _requests_seen(gateway) == 2  # the upstream saw it, the client got a 429
     await gateway.settled()
-    client = aioredis.from_url(redis_url)
-    try:
-        assert await client.xlen(USAGE_STREAM) == 1  # no usage record for the denied request
-        assert await client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
-    finally:
-        await client.aclose()
+    records, leases = await _records_and_leases(redis_url, record.key_id, at_least=1)
+    assert len(records) == 1 and leases == 0  # no usage record and no lease for the denied request
     for _ in range(50):  # the upstream's connection was dropped, so the mock stops its work
         stats = await gateway.mock_stats()
         if stats["active"] == 0:
@@ -161,16 +173,8 @@ async def test_a_store_lost_after_forwarding_still_serves_and_records_the_reques
     assert await _requests_seen(gateway) == 2
     await asyncio.sleep(1.5)  # the pause ends; the writer settles what waited
     await gateway.settled(timeout=15)
-    client = aioredis.from_url(redis_url)
-    try:
-        for _ in range(100):
-            if await client.xlen(USAGE_STREAM) >= 2:
-                break
-            await asyncio.sleep(0.1)
-        assert await client.xlen(USAGE_STREAM) == 2  # both requests the upstream answered
-        assert await client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
-    finally:
-        await client.aclose()
+    records, leases = await _records_and_leases(redis_url, record.key_id, at_least=2)
+    assert len(records) == 2 and leases == 0  # both requests the upstream answered
 
 
 async def test_a_client_gone_before_the_verdict_is_settled_when_it_arrives(make_gateway, http, redis_url):
@@ -186,19 +190,9 @@ async def test_a_client_gone_before_the_verdict_is_settled_when_it_arrives(make_
     call.cancel()  # the client leaves
     await asyncio.sleep(1.0)  # the pause ends, the store admits it, the late settlement runs
     await gateway.settled()
-    client = aioredis.from_url(redis_url)
-    try:
-        for _ in range(50):
-            entries = await client.xrange(USAGE_STREAM)
-            if len(entries) >= 2:
-                break
-            await asyncio.sleep(0.1)
-        records = {fields[b"request_id"]: fields for _, fields in entries}
-        assert records[b"req-left-early"][b"status"] == b"499"
-        # its lease was released by the settlement, not left to expire
-        assert await client.zcard(concurrency_set(limit_tag(record.key_id, None), record.key_id)) == 0
-    finally:
-        await client.aclose()
+    records, leases = await _records_and_leases(redis_url, record.key_id, at_least=2)
+    assert records[b"req-left-early"][b"status"] == b"499"
+    assert leases == 0  # released by the settlement, not left to expire
 
 
 async def test_new_limits_wait_for_the_store_and_a_refreshed_record_does_not(gateway, http):
