@@ -2,7 +2,7 @@
 
 One middleware gives each request its `x-request-id`, turns `GatewayError`s (and aiohttp's own
 HTTP errors) into the contract's JSON, counts each answer once in the metrics and writes the
-request's one access-log line. The upstream `ClientSession`, the store, the usage writer and
+request's one access-log line. The upstream clients, the store, the usage writer and
 the store monitor open and close in `cleanup_ctx`. With `admin_listen` set, `/metrics` moves to
 the admin app (`create_admin_app`); `/healthz` and `/readyz` answer on both.
 """
@@ -263,6 +263,7 @@ def _lifecycle(state: AppState) -> Callable[[web.Application], AsyncIterator[Non
             if subscriber is not None:
                 await subscriber.close()
             await state.usage.close()
+            await state.upstream_http.close()
             await state.session.close()
             await state.store.close()
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import ClientConnectorError, ClientError, ConnectionTimeoutError, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.caller_jwt import caller_header
@@ -33,9 +33,11 @@ from gateway.errors import (
     error_body,
 )
 from gateway.ratelimit import Grant
+from gateway.relay import CLIENT_GONE, CUT, DONE, IDLE, EventPipe
 from gateway.sse import SSERelay
 from gateway.state import EXCHANGE, STATE, AppState, Exchange
 from gateway.upstream import Pool, Upstream
+from gateway.upstream_http import UpstreamBroken, UpstreamConnectError, UpstreamResponse
 from gateway.usage import Settlement, UsageRecord
 from gateway.validation import ChatRequest, parse_chat_request, upstream_body
 
@@ -178,14 +180,14 @@ class _Attempt:
 
 async def _open_upstream(
     state: AppState, pool: Pool, model: str, body: bytes, headers: CIMultiDict[str], attempt: _Attempt
-) -> Any:
+) -> UpstreamResponse:
     """POST to the pool until one upstream answers; the response (headers read).
 
     Another upstream is tried only while the model cannot have seen the request: the connection
     failed, or the upstream answered 503 (it refused the work). Bounded by `upstream_retries`
     and, with the whole loop, by the first-byte deadline.
     """
-    client_timeout = pool.client_timeout
+    connect_timeout = pool.route.timeouts.connect
     tried: list[Upstream] = []
     while True:
         upstream = pool.pick(avoid=tried)
@@ -193,21 +195,19 @@ async def _open_upstream(
         attempt.take(upstream)
         can_retry = len(tried) <= state.settings.upstream_retries and len(tried) < len(pool.upstreams)
         try:
-            response = await state.session.post(
-                upstream.url, data=body, headers=headers, allow_redirects=False, timeout=client_timeout
-            )
-        except (ClientConnectorError, ConnectionTimeoutError):
+            response = await state.upstream_http.post(upstream.target, body, headers, connect_timeout)
+        except UpstreamConnectError:
             _upstream_failed(state, pool, upstream, model, "connect")
             if can_retry:
                 continue
             raise UpstreamError("The upstream model server refused the connection.") from None
-        except ClientError:
+        except UpstreamBroken:
             attempt.reached = True
             _upstream_failed(state, pool, upstream, model, "connection")
             raise UpstreamError("The upstream model server broke the connection.") from None
         if response.status == 503 and can_retry:
             _upstream_failed(state, pool, upstream, model, "status_503")
-            response.release()
+            response.close()
             continue
         attempt.reached = True
         return response
@@ -239,7 +239,7 @@ async def _forward(
     usage: dict[str, Any] | None = None
     json_estimate: int | None = None  # completion tokens counted in a JSON answer without usage
     record_status = 0
-    upstream_response = None
+    upstream_response: UpstreamResponse | None = None
     ex.forwarded_at = forwarded_at = time.perf_counter()
     watch = IdleWatch()  # the first-byte, total and idle deadlines, one timer for all
     if grant is None:
@@ -275,7 +275,7 @@ async def _forward(
         is_sse = upstream_response.content_type == "text/event-stream"
         if chat.stream and upstream_response.status == 200 and is_sse:
             relay = SSERelay(hide_usage=not chat.wants_usage)
-            record_status = await _relay_stream(request, state, ex, chat, upstream_response, relay, watch)
+            record_status = await _relay_stream(request, state, ex, chat, upstream_response, relay)
             usage = relay.usage
             ex.status = 200
             return ex.response  # type: ignore[no-any-return]
@@ -288,7 +288,7 @@ async def _forward(
                 raise
             _upstream_failed(state, pool, upstream, chat.model, "timeout")
             raise UpstreamTimeout("The upstream model server did not finish in time.") from None
-        except ClientError:
+        except UpstreamBroken:
             _upstream_failed(state, pool, upstream, chat.model, "connection")
             raise UpstreamError("The upstream model server broke the connection.") from None
         ex.upstream_done_at = time.perf_counter()
@@ -336,9 +336,8 @@ async def _relay_stream(
     state: AppState,
     ex: Exchange,
     chat: ChatRequest,
-    upstream_response: Any,
+    upstream_response: UpstreamResponse,
     relay: SSERelay,
-    watch: IdleWatch,
 ) -> int:
     """Relay the upstream's events to the client as they arrive; the status to record."""
     headers = _returned_headers(upstream_response, ex.ratelimit_headers)
@@ -346,43 +345,36 @@ async def _relay_stream(
     headers["x-request-id"] = ex.request_id
     response = web.StreamResponse(status=200, headers=headers)
     ex.response = response
-    await response.prepare(request)
+    writer = await response.prepare(request)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return 499
+    writer.send_headers()  # the events go to the transport directly (`EventPipe`)
     timeouts = state.pools[chat.model].route.timeouts
-    read = upstream_response.content.readany
-    failure: tuple[str, str, int] | None = None
-    salvaged = b""
+    pipe = EventPipe(transport, writer.chunked, relay, upstream_response, timeouts.first_byte, timeouts.idle)  # type: ignore[attr-defined]
     state.streams.add(upstream_response)
     try:
-        wait = timeouts.first_byte
-        while True:
-            watch.reading(wait)
-            chunk = await read()
-            watch.writing()
-            if not chunk:
-                break
-            wait = timeouts.idle
-            out = relay.feed(chunk)
-            if out:
-                await response.write(out)
+        upstream_response.deliver(pipe.body, pipe.end)
+        while (outcome := await pipe.wait()) not in (DONE, CUT, IDLE, CLIENT_GONE):
+            await writer.drain()
+            pipe.resume()
+    except ConnectionResetError:  # the client went away while its buffer drained
+        return 499
+    finally:
+        pipe.close()
+        state.streams.discard(upstream_response)
+    if outcome == CLIENT_GONE:
+        return 499
+    failure: tuple[str, str, int] | None = None
+    rest = b""
+    if outcome == DONE:
         rest = relay.rest()
-        if rest:
-            await response.write(rest)
         if not relay.done:
             failure = ("upstream_unavailable", "The upstream ended the stream before [DONE].", 502)
-    except asyncio.CancelledError:
-        if not watch.expired_now():
-            raise
+    elif outcome == IDLE:
         failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
-    except TimeoutError:  # aiohttp's own socket timeouts, should a session set them
-        failure = ("upstream_timeout", "The upstream stopped sending events.", 504)
-    except ConnectionResetError:  # the client went away while we wrote (aiohttp's is a ClientError too)
-        return 499
-    except ClientError:
+    else:
         failure = ("upstream_unavailable", "The upstream broke the connection mid-stream.", 502)
-        salvaged = relay.feed(_unread(upstream_response.content))
-    finally:
-        watch.writing()
-        state.streams.discard(upstream_response)
     if failure is not None and state.drain_expired:
         failure = ("draining", "The gateway is shutting down; the stream was cut at the end of its grace period.", 503)
     if failure is not None:
@@ -390,8 +382,8 @@ async def _relay_stream(
         reason = {"upstream_timeout": "idle_timeout", "draining": "drained"}.get(code, "stream_cut")
         state.metrics.upstream_errors.labels(chat.model, reason).inc()
     try:
-        if salvaged:
-            await response.write(salvaged)
+        if rest:
+            await response.write(rest)
         if failure is not None:
             await response.write(b"data: " + error_body(message, "upstream_error", None, code) + b"\n\n")
         await response.write_eof()
@@ -401,26 +393,15 @@ async def _relay_stream(
     return failure[2] if failure else 200
 
 
-def _unread(content: Any) -> bytes:
-    """The complete part of what arrived before the upstream broke the connection: aiohttp's
-    readers raise the error first and would drop it (aiohttp 3.x `StreamReader` internals)."""
-    buffer = getattr(content, "_buffer", None)
-    if not buffer:
-        return b""
-    data = b"".join(buffer)[getattr(content, "_buffer_offset", 0) :]
-    buffer.clear()
-    content._buffer_offset = 0
-    return data
-
-
 class IdleWatch:
     """Cancels the handler's task when the upstream has not answered in the allowed time.
 
-    Per wait it only stores a deadline (`reading`: first byte, the rest of a JSON answer, the
-    next SSE event) or clears it while the gateway writes to the client (`writing`); its one
+    Per wait it only stores a deadline (`reading`: the head, the rest of a JSON answer) or
+    clears it while the gateway writes to the client (`writing`); its one
     timer re-arms itself when it fires before the current deadline. That replaces an
     `asyncio.timeout` per wait (a timer handle created and cancelled each time), which were
-    ~9 % of the gateway's CPU on streams and on JSON requests alike.
+    ~9 % of the gateway's CPU on streams and on JSON requests alike. A stream's body has its
+    own deadlines in `EventPipe`.
     """
 
     __slots__ = ("_loop", "_task", "_cancelling", "_due", "_armed", "_handle", "_expired")

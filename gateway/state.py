@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import Limiter, OrgLimits, Plan, plan_for
 from gateway.store import Store, org_record
 from gateway.upstream import Pool, build_pools
+from gateway.upstream_http import UpstreamClient
 from gateway.usage import UsageWriter
 
 
@@ -40,11 +41,12 @@ class AppState:
     pools: dict[str, Pool]
     clock: Callable[[], float]
     events: Events  # key and org changes: published by the services, heard from other replicas
-    session: aiohttp.ClientSession = field(init=False)
+    session: aiohttp.ClientSession = field(init=False)  # health checks
+    upstream_http: UpstreamClient = field(default_factory=UpstreamClient)  # chat requests
     draining: bool = False
     # The drain's grace period is over: streams still open are ended with an error event.
     drain_expired: bool = False
-    # Upstream responses of the streams being relayed, so that the drain can end them.
+    # Upstream responses of the streams being relayed, so that the drain can end them (`close`).
     streams: set[Any] = field(default_factory=set)
     store_ok: bool = True  # every primary answers the store monitor's ping
     store_primaries: tuple[int, int] = (1, 1)  # primaries answering, primaries asked

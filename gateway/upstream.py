@@ -25,6 +25,7 @@ import structlog
 
 from gateway.config import ModelRoute
 from gateway.errors import NoHealthyUpstream
+from gateway.upstream_http import Target
 
 EJECT_AFTER_FAILURES = 5
 EJECT_SECONDS = 30.0
@@ -35,7 +36,7 @@ log = structlog.get_logger("liutong.upstream")
 @dataclass(slots=True, eq=False)
 class Upstream:
     root: str
-    url: str  # root + /v1/chat/completions
+    target: Target  # root + /v1/chat/completions
     weight: int = 1
     max_connections: int = 0  # 0: no limit
     outstanding: int = 0
@@ -59,14 +60,11 @@ class Pool:
         weights = route.weights or (1,) * len(route.upstreams)
         limits = route.max_connections or (0,) * len(route.upstreams)
         self.upstreams = [
-            Upstream(root, root + "/v1/chat/completions", weight, limit)
+            Upstream(root, Target(root + "/v1/chat/completions"), weight, limit)
             for root, weight, limit in zip(route.upstreams, weights, limits, strict=True)
         ]
         self._clock = clock
         self._next = 0
-        # Only a new TCP connection is timed by aiohttp (`connect` would arm a timer for every
-        # request, pooled connection or not); the first-byte deadline covers the rest.
-        self.client_timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=route.timeouts.connect)
 
     def pick(self, avoid: list[Upstream] | tuple[Upstream, ...] = ()) -> Upstream:
         """The next upstream for a request, skipping ejected and full ones and those in `avoid`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 
@@ -208,22 +209,119 @@ async def test_a_slow_body_gets_408_and_the_connection_closed(make_gateway, http
     assert body["error"]["code"] == "request_timeout"
 
 
-async def test_events_that_arrived_before_the_upstream_broke_are_still_relayed():
-    """aiohttp's readers raise a broken transfer before handing out what arrived before it;
-    `_unread` takes that data (its `StreamReader` internals, pinned here) so that it is relayed."""
-    from unittest import mock
+async def _raw_upstream(answer) -> tuple[asyncio.Server, str]:
+    """An upstream that reads one request head and body, then runs `answer(writer)`."""
 
-    from aiohttp import ClientPayloadError, StreamReader
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        try:
+            await answer(writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
-    from gateway.proxy import _unread
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
-    reader = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
-    reader.feed_data(b'data: {"n": 1}\n\ndata: {"n"')
-    assert await reader.readany() == b'data: {"n": 1}\n\ndata: {"n"'
-    reader.feed_data(b': 2}\n\n')
-    reader.feed_data(b'data: {"n": 3}\n\n')
-    reader.set_exception(ClientPayloadError("Response payload is not completed"))
-    with pytest.raises(ClientPayloadError):
-        await reader.readany()
-    assert _unread(reader) == b': 2}\n\ndata: {"n": 3}\n\n'
-    assert _unread(reader) == b""
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def test_events_that_arrived_before_the_upstream_broke_are_still_relayed(make_gateway, redis_url, http):
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + _chunk(b'data: {"n": 1}\n\ndata: {"n"') + _chunk(b': 2}\n\ndata: {"n": 3}\n\ndata: {"n'))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()  # cut mid-event, mid-chunk
+
+    server, upstream = await _raw_upstream(answer)
+    async with server:
+        gateway = await make_gateway(settings=gateway_settings(upstream, redis_url))
+        key, _ = await gateway.create_key()
+        async with http.post(gateway.url + CHAT, json=chat_body(stream=True), headers=auth(key)) as resp:
+            events = [e async for _, e in _events(resp)]
+    assert events[:3] == [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b'data: {"n": 3}\n\n']
+    assert orjson.loads(events[3][6:])["error"]["code"] == "upstream_unavailable"
+    assert len(events) == 4  # the half event is not passed on
+
+
+async def test_a_slow_client_pauses_the_upstream_instead_of_filling_the_gateway(make_gateway, redis_url):
+    """While the client reads nothing, the gateway stops reading the upstream: the upstream's
+    writes back up (it cannot finish), and every byte still arrives once the client reads."""
+    event = b"data: " + b"x" * 16_000 + b"\n\n"
+    count = 4000  # 64 MB: far more than the sockets' buffers hold
+    finished = asyncio.Event()
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        for _ in range(count):
+            writer.write(_chunk(event))
+            await writer.drain()
+        writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        finished.set()
+
+    server, upstream = await _raw_upstream(answer)
+    async with server:
+        gateway = await make_gateway(settings=gateway_settings(upstream, redis_url))
+        key, _ = await gateway.create_key()
+        body = orjson.dumps(chat_body(stream=True))
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+        await asyncio.sleep(1.5)  # the client reads nothing meanwhile
+        assert not finished.is_set()
+        received = 0
+        async with asyncio.timeout(30):
+            await reader.readuntil(b"\r\n\r\n")
+            while not finished.is_set() or not data.endswith(b"0\r\n\r\n"):
+                data = await reader.read(2**20)
+                assert data
+                received += data.count(b"x")
+        writer.close()
+    assert received == count * 16_000
+
+
+async def test_an_http_1_0_client_gets_the_stream_unchunked(gateway, key):
+    body = orjson.dumps(chat_body(stream=True))
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))
+    writer.write(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+    async with asyncio.timeout(10):
+        answer = await reader.read()  # the gateway closes the connection at the end
+    writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    events = rest.split(b"\n\n")
+    assert events[0].startswith(b"data: {") and events[-2] == b"data: [DONE]" and events[-1] == b""
+
+
+async def test_requests_leave_no_gateway_objects_in_reference_cycles(gateway, key, http):
+    """Cycles would make the collector's full passes (and their pauses) frequent under load."""
+    for stream in (True, False):
+        async with http.post(gateway.url + CHAT, json=chat_body(stream=stream), headers=auth(key)) as resp:
+            await resp.read()
+    await gateway.settled()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for stream in (True, False) * 5:
+            async with http.post(gateway.url + CHAT, json=chat_body(stream=stream), headers=auth(key)) as resp:
+                await resp.read()
+        await gateway.settled()
+        gc.collect()
+        ours = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
