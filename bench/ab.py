@@ -1,6 +1,6 @@
 """Compare gateways from two or more checkouts side by side, interleaved, in one run.
 
-Under the same redis-server, nginx and mock upstream, each checkout's gateway runs pinned to
+Under the same redis-server, nginx and SSE upstream, each checkout's gateway runs pinned to
 core 0 (all idle but the one measured) and every repeat measures each of them in turn, rotated,
 so that noise from other processes falls on all of them alike. For judging one change to the
 request path: the first checkout is the baseline, the table gives medians and ratios to it.

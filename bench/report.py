@@ -40,25 +40,28 @@ side by side, interleaved, in one run: `.venv/bin/python -m bench.ab BASE_DIR CH
 [--sse-large]` (medians, noise and ratios to the first).
 
 **Setup.** One run starts its own `redis-server` (a free port, never 6379), nginx answering
-`return 200` with a canned chat completion (the instant JSON upstream), the mock upstream
-(`liutong-gateway mock-upstream`, the streaming upstream: `x-mock-tokens` events
-`x-mock-interval-ms` apart), the pass-through and the gateway. The gateway has every feature
-on: keys checked against Redis through its key cache, rpm + tpm + concurrency limits evaluated
-in Redis on every request (set high enough never to refuse), Prometheus metrics, the JSON access
-log written to a file, a usage record per request. The proxy under test is pinned to core 0
-with `taskset -c 0`; redis-server, nginx, the mock, the load generators and the script run on
-core 1. Every address is 127.0.0.1 and every load is bounded in requests and seconds.
+`return 200` with a canned chat completion (the instant JSON upstream), `bench/sse_upstream.py`
+(the streaming upstream: `x-mock-tokens` events `x-mock-interval-ms` apart, the very bytes that
+`liutong-gateway mock-upstream` sends, from a bare asyncio server that costs about 2/3 of the
+mock's CPU per event, so that core 1 is not saturated at 500 streams and the direct TTFT
+measures the upstream, not a queue), the pass-through and the gateway. The gateway has every
+feature on: keys checked against Redis through its key cache, rpm + tpm + concurrency limits
+evaluated in Redis on every request (set high enough never to refuse), Prometheus metrics, the
+JSON access log written to a file, a usage record per request. The proxy under test is pinned to
+core 0 with `taskset -c 0`; redis-server, nginx, the SSE upstream, the load generators and the
+script run on core 1. Every address is 127.0.0.1 and every load is bounded in requests and
+seconds.
 
 **Load.** Non-streaming throughput: `wrk -t1 -c64` with `bench/wrk/post.lua` (POST body and
 bearer key). Latency at 8 connections: `wrk -t1 -c8`. Latency at a fixed 100 requests/s:
 `bench/openloop.py`, an open-loop client (requests leave on schedule whatever the answers do;
 latency from write to last byte). SSE: `bench/sse_load.py` keeps N streams open (slot k starts
 k/N of a stream's length after the first, so the concurrency is steady rather than one burst),
-checks every event (one `data:` line of valid JSON, token contents exactly the mock's in order)
-and times the first token. TTFT overhead = the proxy's TTFT percentile − the direct one, in the
-same repeat. CPU per 1,000 events = the proxy's utime + stime from `/proc/<pid>/stat` over the
-run ÷ events delivered (10 ms clock ticks). Peak RSS = the highest `VmRSS` sampled every 50 ms
-during the run.
+times the first token and stores the bytes, then checks every event after the run (one `data:`
+line of valid JSON, token contents exactly the mock's in order). TTFT overhead = the proxy's
+TTFT percentile − the direct one, in the same repeat. CPU per 1,000 events = the proxy's utime +
+stime from `/proc/<pid>/stat` over the run ÷ events delivered (10 ms clock ticks). Peak RSS =
+the highest `VmRSS` sampled every 50 ms during the run.
 
 **Noise.** Other engineers run test suites on this 2-core machine at the same time. Every
 measurement is repeated (3× by default) with the targets interleaved and rotated, the table
@@ -310,7 +313,7 @@ def render(
         "",
         *_table(results, f),
         "",
-        "Direct upstream: nginx `return 200` for the non-streaming rows, the mock upstream for the SSE rows "
+        "Direct upstream: nginx `return 200` for the non-streaming rows, `bench/sse_upstream.py` for the SSE rows "
         "(both on core 1, sharing it with the load generator). Ratios are of medians.",
         "",
         "### Targets",

@@ -2,12 +2,13 @@
 
 Targets, measured in the same run and interleaved (each repeat goes through every target
 before the next repeat, in a rotated order):
-  direct       the upstream itself: nginx `return 200` (JSON) or the mock upstream (SSE);
+  direct       the upstream itself: nginx `return 200` (JSON) or `bench/sse_upstream.py` (SSE: the
+               mock upstream's streams, from a server cheap enough to leave the load core room);
   passthrough  `bench/passthrough.py`, the floor: aiohttp with no features, pinned to core 0;
   gateway      `liutong-gateway serve` with every feature on (auth against Redis through its key
                cache, rpm + tpm + concurrency limits in Redis, metrics, the JSON access log to
                a file, usage records), pinned to core 0.
-Everything else (redis-server, nginx, the mock upstream, the load clients, this script) runs
+Everything else (redis-server, nginx, the SSE upstream, the load clients, this script) runs
 on core 1. Every address is 127.0.0.1; every load is bounded in requests and seconds.
 
     .venv/bin/python -m bench [--quick] [--repeats N] [--output BENCHMARKS.md] [--label current]
@@ -149,11 +150,11 @@ class Bench:
         return self.start(name, argv, PROXY_CORE, env=env, cwd=cwd)
 
     def setup(self, gateways: dict[str, Path | None] | None = None, passthrough: bool = True) -> None:
-        """Redis, nginx, the mock, a key, the config; then the gateways and the pass-throughs."""
+        """Redis, nginx, the SSE upstream, a key, the config; then the gateways and the pass-throughs."""
         self.setup_infra()
         started = [self.start_gateway(name, src) for name, src in (gateways or {"gateway": None}).items()]
         if passthrough:
-            for name, upstream in (("pass_json", "nginx"), ("pass_sse", "mock")):
+            for name, upstream in (("pass_json", "nginx"), ("pass_sse", "sse")):
                 self.ports[name] = free_port()
                 self.start(name, [sys.executable, "-m", "bench.passthrough", "--upstream",
                                   f"http://127.0.0.1:{self.ports[upstream]}", "--port", str(self.ports[name])],
@@ -167,7 +168,7 @@ class Bench:
 
     def setup_infra(self) -> None:
         d = self.dir
-        for name in ("redis", "nginx", "mock"):
+        for name in ("redis", "nginx", "sse"):
             self.ports[name] = free_port()
         redis = self.start("redis", [self.tools["redis-server"], "--port", str(self.ports["redis"]), "--bind",
                                      "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)], OTHER_CORE)  # fmt: skip
@@ -175,11 +176,11 @@ class Bench:
         nginx_conf.write_text(_nginx_conf(d, self.ports["nginx"]))
         nginx = self.start("nginx", [self.tools["nginx"], "-p", str(d), "-c", str(nginx_conf), "-e",
                                      str(d / "nginx-error.log")], OTHER_CORE)  # fmt: skip
-        argv, env, cwd = self.gateway_cmd("mock-upstream", "--host", "127.0.0.1", "--port", str(self.ports["mock"]))
-        mock = self.start("mock", argv, OTHER_CORE, env=env, cwd=cwd)
+        sse = self.start("sse", [sys.executable, "-m", "bench.sse_upstream", "--host", "127.0.0.1", "--port",
+                                 str(self.ports["sse"])], OTHER_CORE, cwd=str(REPO), env=self.env)  # fmt: skip
         redis.wait_port(self.ports["redis"])
         nginx.wait_http(f"http://127.0.0.1:{self.ports['nginx']}/")
-        mock.wait_http(f"http://127.0.0.1:{self.ports['mock']}/health")
+        sse.wait_http(f"http://127.0.0.1:{self.ports['sse']}/health")
 
         self.redis_url = f"redis://127.0.0.1:{self.ports['redis']}/0"
         argv, env, cwd = self.gateway_cmd("keys", "create", "--name", "bench", "--json")
@@ -191,7 +192,7 @@ class Bench:
         self.config.write_text(yaml.safe_dump({
             "redis_url": self.redis_url,
             "models": {JSON_MODEL: {"upstreams": [f"http://127.0.0.1:{self.ports['nginx']}"]},
-                       SSE_MODEL: {"upstreams": [f"http://127.0.0.1:{self.ports['mock']}"]}},
+                       SSE_MODEL: {"upstreams": [f"http://127.0.0.1:{self.ports['sse']}"]}},
             "limits": {"default": LIMITS},
             "log_level": "info",
         }))  # fmt: skip
@@ -208,7 +209,7 @@ class Bench:
 
     def url(self, target: str, sse: bool) -> str:
         """`direct`, `passthrough` or the name of a gateway service."""
-        port = {"direct": "mock" if sse else "nginx", "passthrough": "pass_sse" if sse else "pass_json"}.get(target, target)
+        port = {"direct": "sse" if sse else "nginx", "passthrough": "pass_sse" if sse else "pass_json"}.get(target, target)
         return f"http://127.0.0.1:{self.ports[port]}/v1/chat/completions"
 
     def proxy_pid(self, target: str, sse: bool) -> int | None:
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with b.stack:
-        log(f"starting redis-server, nginx, the mock upstream, the pass-through and the gateway in {b.dir}")
+        log(f"starting redis-server, nginx, the SSE upstream, the pass-through and the gateway in {b.dir}")
         b.setup()
         measure_all(b, results, log)
         log("profiling")
