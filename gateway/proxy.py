@@ -275,6 +275,7 @@ async def _forward(
         is_sse = upstream_response.content_type == "text/event-stream"
         if chat.stream and upstream_response.status == 200 and is_sse:
             relay = SSERelay(hide_usage=not chat.wants_usage)
+            watch.close()  # the stream's own deadlines are `EventPipe`'s
             record_status = await _relay_stream(request, state, ex, chat, upstream_response, relay)
             usage = relay.usage
             ex.status = 200
