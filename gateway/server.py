@@ -54,11 +54,15 @@ def install_uvloop() -> None:
 
 def _tune_gc() -> None:
     """Keep the cycle collector off the latency tail: what start-up built (modules, config,
-    the app) is frozen out of its scans, and young collections run every 20,000 allocations
-    instead of 700, so that a full scan of hundreds of open streams' objects is rare."""
+    the app) is frozen out of its scans; young collections run every 10,000 net allocations
+    instead of 700 (a request's objects die by reference counting, so short bursts never reach
+    it), and the middle generation only every 400,000. The request path leaves no cycles
+    (tested), so a collection finds little: its cost is the scan, which pauses the loop ~0.6 µs
+    per young object on a slow core. 10,000 measured ~6 ms better at TTFT p99 than 20,000 with
+    500 streams opening (the pause halves) at no measurable throughput cost; 2,000 cost 12 %."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(10_000, 40, 20)
 
 
 async def _serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
