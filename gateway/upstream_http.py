@@ -30,6 +30,8 @@ from multidict import CIMultiDict
 
 KEEPALIVE_SECONDS = 30.0
 MAX_IDLE_PER_UPSTREAM = 1024
+MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and header fields
+MAX_READ_BYTES = 64 * 1024 * 1024  # a body read whole (a JSON answer); streams have no limit
 
 BodySink = Callable[[bytes], None]
 EndSink = Callable[[Exception | None], None]
@@ -121,8 +123,12 @@ class UpstreamResponse:
             return
         self.status = status
         headers = self.headers
+        size = 0
         for name, value in self._raw:
             headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            size += len(name) + len(value)
+        if size > MAX_HEAD_BYTES:
+            raise UpstreamBroken(f"the upstream's header fields exceed {MAX_HEAD_BYTES} bytes")
         self._raw.clear()
         encoding = headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip"):
@@ -143,6 +149,8 @@ class UpstreamResponse:
             self._sink(body)
         else:
             self._chunks.append(body)
+            if self.received > MAX_READ_BYTES:
+                raise UpstreamBroken(f"the upstream's answer exceeds {MAX_READ_BYTES} bytes")
 
     def on_message_complete(self) -> None:
         if not self.status or self._parser is None:  # the end of an interim answer
@@ -159,6 +167,8 @@ class UpstreamResponse:
         self.received += len(data)
         if self._parser is not None:
             self._parser.feed_data(data)
+            if self.received > MAX_HEAD_BYTES and not self._head.done():
+                raise UpstreamBroken(f"the upstream's answer has no end of its head within {MAX_HEAD_BYTES} bytes")
 
     def _lost(self, exc: Exception | None) -> None:
         self._conn = None
@@ -282,6 +292,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.abort()
             response._fail(UpstreamBroken(f"the upstream's answer is not HTTP/1.1: {exc}"))
+        except UpstreamBroken as exc:
+            self.abort()
+            response._fail(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

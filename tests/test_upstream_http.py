@@ -158,7 +158,9 @@ async def test_a_body_cut_short_is_an_error():
 
 
 @pytest.mark.parametrize("garbage", [b"SSH-2.0-OpenSSH_9.2\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n",
-                                     b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 1\r\n\r\nx"])  # fmt: skip
+                                     b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 1\r\n\r\nx",
+                                     b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"y" * 70_000 + b"\r\n\r\n",
+                                     b"HTTP/1.1 200 OK\r\n" + b"X-Endless: " + b"y" * 200_000])  # fmt: skip
 async def test_an_answer_that_is_not_http_is_an_error(garbage):
     async def answer(reader, writer, number):
         writer.write(garbage)
@@ -318,3 +320,17 @@ async def test_https_upstreams_are_verified(tmp_path):
         with pytest.raises(UpstreamConnectError):
             await default.post(target, b"{}", {})
         await default.close()
+
+
+async def test_a_body_read_whole_is_bounded(monkeypatch):
+    monkeypatch.setattr(upstream_http, "MAX_READ_BYTES", 100_000)
+
+    async def answer(reader, writer, number):
+        writer.write(reply(b"z" * 150_000))
+
+    client = UpstreamClient()
+    async with RawServer(answer) as server:
+        response = await client.post(server.target, b"{}", {})
+        with pytest.raises(UpstreamBroken):
+            await response.read()
+    await client.close()
