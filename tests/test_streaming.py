@@ -325,3 +325,20 @@ async def test_requests_leave_no_gateway_objects_in_reference_cycles(gateway, ke
         gc.garbage.clear()
         gc.enable()
     assert ours == []
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_upstream_that_answers_garbage_is_a_502(make_gateway, redis_url, http, stream):
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    server, upstream = await _raw_upstream(answer)
+    async with server:
+        gateway = await make_gateway(settings=gateway_settings(upstream, redis_url))
+        key, _ = await gateway.create_key()
+        async with http.post(gateway.url + CHAT, json=chat_body(stream=stream), headers=auth(key)) as resp:
+            assert resp.status == 502
+            body = await resp.json()
+    assert body["error"]["type"] == "upstream_error" and body["error"]["code"] == "upstream_unavailable"
