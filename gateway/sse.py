@@ -3,8 +3,9 @@
 `SSERelay.feed(chunk)` returns the bytes that may go to the client now: every complete event
 received so far, unchanged and in order (a partial event waits for its end, nothing else
 does). JSON is never re-encoded; an event is parsed only when it mentions `"usage"` with a
-value, to read the upstream's token counts. The usage-only chunk (`"choices": []`) that the
-gateway asked for on the client's behalf is removed when the client did not ask for it.
+value, to read the upstream's token counts. When the gateway asked for usage on a client's
+behalf (the client did not), what that adds is taken out again: the usage-only chunk
+(`"choices": []`) and the `"usage": null` field that servers put in every other chunk.
 
 Estimator when the upstream reports no usage (cut stream, server without `include_usage`):
 completion tokens = the number of relayed delta events with non-empty `"content"` (servers
@@ -18,10 +19,11 @@ from typing import Any
 import orjson
 
 _BOUNDARY = b"\n\n"
-_CONTENT = b'"content":"'
-_EMPTY_CONTENT = b'"content":""'
+# A content delta and an empty one, as compact JSON and as JSON with spaces (Python's default).
+_CONTENTS = ((b'"content":"', b'"content":""'), (b'"content": "', b'"content": ""'))
 _USAGE = b'"usage"'
 _NULL_USAGE = (b'"usage":null', b'"usage": null')
+_HIDDEN_NULLS = (b',"usage":null', b', "usage": null')
 _DONE = b"data: [DONE]"
 
 
@@ -42,14 +44,20 @@ class SSERelay:
                 return b""
         else:  # the usual case: whole events, ending on an event boundary
             complete = chunk
-        contents = complete.count(_CONTENT)
-        if contents:
-            self.content_events += contents - complete.count(_EMPTY_CONTENT)
+        for content, empty in _CONTENTS:
+            contents = complete.count(content)
+            if contents:
+                self.content_events += contents - complete.count(empty)
         if _DONE in complete:
             self.done = True
         mentions = complete.count(_USAGE)
-        if mentions and mentions > complete.count(_NULL_USAGE[0]) + complete.count(_NULL_USAGE[1]):
-            return self._take_usage(complete)
+        if not mentions:
+            return complete
+        nulls = complete.count(_NULL_USAGE[0]) + complete.count(_NULL_USAGE[1])
+        if mentions > nulls:
+            complete = self._take_usage(complete)
+        if nulls and self._hide_usage:  # the `"usage": null` that include_usage adds to every chunk
+            complete = complete.replace(_HIDDEN_NULLS[0], b"").replace(_HIDDEN_NULLS[1], b"")
         return complete
 
     def _complete(self, chunk: bytes) -> bytes:

@@ -116,3 +116,24 @@ async def test_a_closed_client_ends_the_relay_and_the_first_outcome_stands():
     assert await pipe.wait() == CLIENT_GONE
     assert transport.written == []
     pipe.close()
+
+
+def test_what_include_usage_added_is_hidden_from_a_client_that_did_not_ask():
+    events = (
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n'
+        b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "b"}}], "usage": null}\n\n'
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    hidden = SSERelay(hide_usage=True)
+    assert hidden.feed(events) == (
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+        b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "b"}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert hidden.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert hidden.content_events == 2 and hidden.done
+
+    shown = SSERelay(hide_usage=False)
+    assert shown.feed(events) == events
+    assert shown.usage == hidden.usage

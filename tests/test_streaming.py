@@ -49,6 +49,7 @@ async def test_usage_chunk_is_hidden_unless_the_client_asked(gateway, key, http)
     assert events[-1] == b"data: [DONE]\n\n"
     payloads = [orjson.loads(e[6:]) for e in events[:-1]]
     assert all(p["choices"] for p in payloads)  # no usage-only chunk reached this client
+    assert all("usage" not in p for p in payloads)  # nor the `"usage": null` include_usage adds
     stats = await gateway.mock_stats()
     assert stats["records"][-1]["body"]["stream_options"] == {"include_usage": True}
 
