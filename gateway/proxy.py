@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from gateway.caller_jwt import caller_header
@@ -348,11 +349,11 @@ async def _relay_stream(
     ex.response = response
     writer = await response.prepare(request)
     transport = request.transport
-    if transport is None or transport.is_closing():
+    if not isinstance(writer, StreamWriter) or transport is None or transport.is_closing():
         return 499
     writer.send_headers()  # the events go to the transport directly (`EventPipe`)
     timeouts = state.pools[chat.model].route.timeouts
-    pipe = EventPipe(transport, writer.chunked, relay, upstream_response, timeouts.first_byte, timeouts.idle)  # type: ignore[attr-defined]
+    pipe = EventPipe(transport, writer.chunked, relay, upstream_response, timeouts.first_byte, timeouts.idle)
     state.streams.add(upstream_response)
     try:
         upstream_response.deliver(pipe.body, pipe.end)

@@ -88,7 +88,7 @@ class UpstreamResponse:
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
         self._raw: list[tuple[bytes, bytes]] = []
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._conn: _Connection | None = conn
         self._loop = loop
         self._head: asyncio.Future[None] = loop.create_future()
