@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.config import Timeouts
 from gateway.store import concurrency_set, limit_tag
 from tests.conftest import auth, chat_body, gateway_settings
+from tests.raw_server import RawServer
 
 CHAT = "/v1/chat/completions"
 
@@ -210,24 +211,6 @@ async def test_a_slow_body_gets_408_and_the_connection_closed(make_gateway, http
     assert body["error"]["code"] == "request_timeout"
 
 
-async def _raw_upstream(answer) -> tuple[asyncio.Server, str]:
-    """An upstream that reads one request head and body, then runs `answer(writer)`."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
-        try:
-            await answer(writer)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
@@ -236,15 +219,14 @@ def _chunk(data: bytes) -> bytes:
 
 
 async def test_events_that_arrived_before_the_upstream_broke_are_still_relayed(make_gateway, redis_url, http):
-    async def answer(writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         writer.write(SSE_HEAD + _chunk(b'data: {"n": 1}\n\ndata: {"n"') + _chunk(b': 2}\n\ndata: {"n": 3}\n\ndata: {"n'))
         await writer.drain()
         await asyncio.sleep(0.2)
         writer.transport.abort()  # cut mid-event, mid-chunk
 
-    server, upstream = await _raw_upstream(answer)
-    async with server:
-        gateway = await make_gateway(settings=gateway_settings(upstream, redis_url))
+    async with RawServer(answer) as server:
+        gateway = await make_gateway(settings=gateway_settings(server.url, redis_url))
         key, _ = await gateway.create_key()
         async with http.post(gateway.url + CHAT, json=chat_body(stream=True), headers=auth(key)) as resp:
             events = [e async for _, e in _events(resp)]
@@ -260,7 +242,7 @@ async def test_a_slow_client_pauses_the_upstream_instead_of_filling_the_gateway(
     count = 4000  # 64 MB: far more than the sockets' buffers hold
     finished = asyncio.Event()
 
-    async def answer(writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         writer.write(SSE_HEAD)
         for _ in range(count):
             writer.write(_chunk(event))
@@ -269,9 +251,8 @@ async def test_a_slow_client_pauses_the_upstream_instead_of_filling_the_gateway(
         await writer.drain()
         finished.set()
 
-    server, upstream = await _raw_upstream(answer)
-    async with server:
-        gateway = await make_gateway(settings=gateway_settings(upstream, redis_url))
+    async with RawServer(answer) as server:
+        gateway = await make_gateway(settings=gateway_settings(server.url, redis_url))
         key, _ = await gateway.create_key()
         body = orjson.dumps(chat_body(stream=True))
         reader, writer = await asyncio.open_connection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))
@@ -279,7 +260,7 @@ async def test_a_slow_client_pauses_the_upstream_instead_of_filling_the_gateway(
                      b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
         await asyncio.sleep(1.5)  # the client reads nothing meanwhile
         assert not finished.is_set()
-        received = 0
+        received, data = 0, b""
         async with asyncio.timeout(30):
             await reader.readuntil(b"\r\n\r\n")
             while not finished.is_set() or not data.endswith(b"0\r\n\r\n"):
@@ -330,14 +311,13 @@ async def test_requests_leave_no_gateway_objects_in_reference_cycles(gateway, ke
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_upstream_that_answers_garbage_is_a_502(make_gateway, redis_url, http, stream):
-    async def answer(writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.5)
 
-    server, upstream = await _raw_upstream(answer)
-    async with server:
-        gateway = await make_gateway(settings=gateway_settings(upstream, redis_url))
+    async with RawServer(answer) as server:
+        gateway = await make_gateway(settings=gateway_settings(server.url, redis_url))
         key, _ = await gateway.create_key()
         async with http.post(gateway.url + CHAT, json=chat_body(stream=stream), headers=auth(key)) as resp:
             assert resp.status == 502
