@@ -35,7 +35,7 @@ import orjson
 import uvloop
 
 from bench.stats import percentile
-from gateway.mock_upstream import generate_tokens
+from gateway.mock.text import generate_tokens
 
 _DONE = b"data: [DONE]"
 # role event, the token events, the finish event, the usage event, [DONE]

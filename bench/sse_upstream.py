@@ -12,7 +12,7 @@ stream's next event a `loop.call_at` timer written with `transport.write`, one c
 once, then `x-mock-tokens` (default 16, capped by `max_completion_tokens` / `max_tokens`) token
 events `x-mock-interval-ms` apart (default 0: as fast as the socket takes them), the finish
 event, the usage chunk when `stream_options.include_usage` is true (and no `x-mock-no-usage`),
-and `data: [DONE]`; the tokens are `gateway.mock_upstream.generate_tokens` of the model and the
+and `data: [DONE]`; the tokens are `gateway.mock.text.generate_tokens` of the model and the
 last message's content. A non-streaming request gets the same text as one chat.completion at
 once. `GET /health` answers 200. Only what the benchmark needs: `n` > 1, `stop` and the mock's
 other `x-mock-*` headers are a 400 (use the mock for those), there are no `/mock/stats`.
@@ -36,12 +36,8 @@ import httptools
 import orjson
 import uvloop
 
-from gateway.mock_upstream import (
-    DEFAULT_TOKENS,
-    MAX_TOKENS_HEADER,
-    estimate_prompt_tokens,
-    generate_tokens,
-)
+from gateway.mock.server import DEFAULT_TOKENS, MAX_TOKENS_HEADER
+from gateway.mock.text import estimate_prompt_tokens, generate_tokens
 
 MAX_BODY = 64 * 1024 * 1024
 _BATCH = 32  # token events per write burst when there is no interval

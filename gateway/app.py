@@ -20,8 +20,8 @@ import orjson
 import structlog
 from aiohttp import web
 
-from gateway.admin import setup_admin
-from gateway.auth import Authenticator
+from gateway.admin.routes import setup_admin
+from gateway.api.chat import chat_completions
 from gateway.config import Settings
 from gateway.errors import (
     BodyTooLarge,
@@ -32,18 +32,19 @@ from gateway.errors import (
     RateLimited,
     error_body,
 )
-from gateway.invalidation import Events, Subscriber
-from gateway.keys import KeyService
+from gateway.keys.auth import Authenticator
+from gateway.keys.events import Events, Subscriber
+from gateway.keys.records import KeyService
+from gateway.limits.buckets import Limiter
 from gateway.logs import info_line
 from gateway.metrics import Metrics
-from gateway.proxy import chat_completions
-from gateway.ratelimit import Limiter
-from gateway.redis_topology import ping_primaries
-from gateway.spool import open_spool
 from gateway.state import EXCHANGE, STATE, AppState, Exchange
-from gateway.store import Store, open_store
-from gateway.upstream import build_pools, run_health_checks
-from gateway.usage import UsageRecord, UsageWriter
+from gateway.store.client import Store, open_store
+from gateway.store.topology import ping_primaries
+from gateway.upstream.pool import build_pools, run_health_checks
+from gateway.usage.records import UsageRecord
+from gateway.usage.spool import open_spool
+from gateway.usage.writer import UsageWriter
 
 log = structlog.get_logger("liutong.gateway")
 

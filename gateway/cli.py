@@ -21,12 +21,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway import usage_cli
 from gateway.config import ConfigError, Listen, Settings, load_settings
-from gateway.keys import KeyNotFound, KeyRecord, KeyRevoked, KeyService
-from gateway.orgs import OrgExists, OrgNotFound, OrgRecord, OrgService, valid_org
-from gateway.redis_topology import parse_redis_url
-from gateway.store import open_store
+from gateway.keys.orgs import OrgExists, OrgNotFound, OrgRecord, OrgService, valid_org
+from gateway.keys.records import KeyNotFound, KeyRecord, KeyRevoked, KeyService
+from gateway.store.client import open_store
+from gateway.store.topology import parse_redis_url
+from gateway.usage import export as usage_cli
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -319,7 +319,7 @@ def _without_workers(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "mock-upstream":
-        from gateway.mock_upstream import run_mock_upstream
+        from gateway.mock.server import run_mock_upstream
 
         run_mock_upstream(args.host, args.port)
         return 0

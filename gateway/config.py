@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.redis_topology import parse_redis_url
+from gateway.store.topology import parse_redis_url
 
 SEED_MODELS = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
 DEFAULT_SPOOL_PATH = "liutong-usage.spool"  # in the working directory (/var/lib/liutong in the image)
@@ -64,7 +64,7 @@ class HealthCheck:
 @dataclass(frozen=True, slots=True)
 class CallerJwt:
     """A short-lived JWT the gateway signs for each request to a model's upstreams, in `header`:
-    who is calling (key_id, org, model, request_id) without the `lt_` key (see `caller_jwt.py`)."""
+    who is calling (key_id, org, model, request_id) without the `lt_` key (see `upstream/caller_jwt.py`)."""
 
     algorithm: str
     secret: str | None = field(default=None, repr=False)  # HS*
@@ -148,7 +148,7 @@ class Settings:
     # Seconds an idle client keep-alive connection stays open.
     keepalive_timeout: float = 75.0
     # Forward a request while its limits are checked, when the store's last answer leaves ample
-    # room (see `ratelimit.py`); off: every request waits for the store before it is forwarded.
+    # room (see `limits/buckets.py`); off: every request waits for the store before it is forwarded.
     admission_overlap: bool = True
     # Seconds from a connection's start, or from the first byte of a request on a keep-alive
     # connection, to the end of the request's headers (a slow sender gets 408 and is closed).
@@ -159,7 +159,7 @@ class Settings:
     max_headers: int = 128
     log_level: str = "info"
     # Usage records wait in this append-only file while the store is unreachable (relative to
-    # the working directory; None or "off": in memory only, lost on exit). See `spool.py`.
+    # the working directory; None or "off": in memory only, lost on exit). See `usage/spool.py`.
     # The config file and LIUTONG_* default it to DEFAULT_SPOOL_PATH; settings built in code
     # (tests) have none, so that no test adopts a spool another test left in the directory.
     usage_spool_path: str | None = None
@@ -606,7 +606,7 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
     if redis_url is not None:
         redis_url = _str(redis_url, "redis_url")
         try:
-            parse_redis_url(redis_url)  # one server, a Cluster or Sentinel: see redis_topology.py
+            parse_redis_url(redis_url)  # one server, a Cluster or Sentinel: see store/topology.py
         except ValueError as exc:
             raise ConfigError(f"redis_url: {exc}") from None
     policy = tree.get("store_outage_policy", defaults.store_outage_policy)

@@ -7,7 +7,7 @@ the head must be complete `request_header_timeout` seconds later, or the client 
 `request_timeout` and the connection is closed. The timer is disarmed as soon as the parser
 produces the request, so a request whose head arrives in one read costs no timer at all on a
 keep-alive connection; idle keep-alive connections (no byte of a new request yet) stay under
-`keepalive_timeout`, and request bodies under `request_body_timeout` (`proxy.py`).
+`keepalive_timeout`, and request bodies under `request_body_timeout` (`api/chat.py`).
 
 Heads that do not parse — a request line or header field over `max_header_bytes`, more than
 `max_headers` fields, a bad request line, invalid header bytes — get the contract's JSON (431

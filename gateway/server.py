@@ -69,7 +69,7 @@ def _tune_gc() -> None:
 async def _serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     async with contextlib.AsyncExitStack() as stack:
         if not settings.models:
-            from gateway.mock_upstream import start_mock_upstream
+            from gateway.mock.server import start_mock_upstream
 
             mock_runner, mock_port = await start_mock_upstream("127.0.0.1", 0)
             stack.push_async_callback(mock_runner.cleanup)

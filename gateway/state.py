@@ -16,17 +16,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.errors import StoreUnavailable
-from gateway.invalidation import Event, Events
-from gateway.keys import KeyRecord, KeyService
+from gateway.keys.auth import Authenticator
+from gateway.keys.events import Event, Events
+from gateway.keys.records import KeyRecord, KeyService
+from gateway.limits.buckets import Limiter, OrgLimits, Plan, plan_for
 from gateway.metrics import Metrics
-from gateway.ratelimit import Limiter, OrgLimits, Plan, plan_for
-from gateway.store import Store, org_record
-from gateway.upstream import Pool, build_pools
-from gateway.upstream_http import UpstreamClient
-from gateway.usage import UsageWriter
+from gateway.store.client import Store
+from gateway.store.names import org_record
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.pool import Pool, build_pools
+from gateway.usage.writer import UsageWriter
 
 
 @dataclass(eq=False)

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Limits, ModelRoute, Settings, Timeouts
-from gateway.keys import KeyRecord
-from gateway.mock_upstream import start_mock_upstream
+from gateway.keys.records import KeyRecord
+from gateway.mock.server import start_mock_upstream
 from gateway.state import STATE, AppState
 
 SEED_MODELS = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
@@ -213,8 +213,8 @@ def write_gateway_config(path: Path, redis_url: str, upstream: str, **extra: Any
 
 async def create_key_in(redis_url: str, name: str = "test", **options: Any) -> str:
     """A new key in the store at `redis_url` (for gateways running as subprocesses)."""
-    from gateway.keys import KeyService
-    from gateway.store import open_store
+    from gateway.keys.records import KeyService
+    from gateway.store.client import open_store
 
     store = open_store(redis_url)
     try:

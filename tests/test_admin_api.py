@@ -23,8 +23,8 @@ from jsonschema.exceptions import ValidationError
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
-from gateway.admin import ROUTES
-from gateway.openapi import document
+from gateway.admin.openapi import document
+from gateway.admin.routes import ROUTES
 from tests.conftest import Gateway, GatewayFactory, auth, chat_body
 from tests.test_admin_jwt import assert_error, bearer, hs_admin, mint
 from tests.test_orgs import cli

@@ -25,12 +25,12 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway import store as names
+from gateway.admin.verifier import JwtVerifier
 from gateway.app import create_admin_app
 from gateway.config import Admin, AdminJwt, ConfigError, Listen, load_settings, parse_settings
 from gateway.errors import GatewayError
-from gateway.jwt_auth import JwtVerifier
 from gateway.state import STATE
+from gateway.store import names
 from tests.conftest import Gateway, GatewayFactory, free_port
 
 SECRET = "hs-secret-for-tests-" + "x" * 44  # 64 bytes: long enough for HS512 too

@@ -13,7 +13,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from gateway.store import USAGE_STREAM, concurrency_set, key_bucket, limit_tag
+from gateway.store.names import USAGE_STREAM, concurrency_set, key_bucket, limit_tag
 from tests.conftest import auth, chat_body
 
 CHAT = "/v1/chat/completions"
@@ -229,7 +229,7 @@ async def test_an_overlapped_request_after_a_script_flush_reloads_and_is_admitte
 
 
 def test_a_provisional_grant_without_an_answer_carries_no_limit_headers():
-    from gateway.ratelimit import Bucket, Plan, _Seen
+    from gateway.limits.buckets import Bucket, Plan, _Seen
 
     plan = Plan((Bucket("b:rpm", "requests", "key", 60),), "b:inflight", 0)
     seen = _Seen(plan)

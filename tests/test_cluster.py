@@ -26,9 +26,9 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Limits
-from gateway.redis_topology import parse_redis_url
 from gateway.state import STATE
-from gateway.store import USAGE_STREAM, concurrency_set, key_bucket, limit_tag
+from gateway.store.names import USAGE_STREAM, concurrency_set, key_bucket, limit_tag
+from gateway.store.topology import parse_redis_url
 from tests.conftest import Gateway, auth, chat_body, gateway_settings
 from tests.test_replicas import Replicas, burst, refilled
 

@@ -10,6 +10,7 @@ import time
 import aiohttp
 import orjson
 import pytest
+
 from tests.conftest import GatewayProcess, auth, chat_body, create_key_in, write_gateway_config
 
 pytestmark = pytest.mark.integration

@@ -22,10 +22,10 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway.auth import Authenticator
 from gateway.errors import InvalidApiKey, StoreUnavailable
-from gateway.keys import KeyRecord, KeyService, digest, generate_key
-from gateway.store import key_record
+from gateway.keys.auth import Authenticator
+from gateway.keys.records import KeyRecord, KeyService, digest, generate_key
+from gateway.store.names import key_record
 from tests.conftest import free_port
 
 KEY_RE = re.compile(r"lt_[A-Za-z0-9]{32,}")

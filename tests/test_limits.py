@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from gateway.store import concurrency_set, limit_tag
+from gateway.store.names import concurrency_set, limit_tag
 from tests.conftest import auth, chat_body
 
 CHAT = "/v1/chat/completions"

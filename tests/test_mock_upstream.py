@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.mock_upstream import start_mock_upstream
+from gateway.mock.server import start_mock_upstream
 
 pytestmark = pytest.mark.asyncio
 
@@ -418,7 +418,7 @@ async def test_health_and_models(session: aiohttp.ClientSession, base: str) -> N
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 async def test_run_mock_upstream_serves_until_signalled(sig: signal.Signals) -> None:
-    code = "from gateway.mock_upstream import run_mock_upstream; run_mock_upstream('127.0.0.1', 0)"
+    code = "from gateway.mock.server import run_mock_upstream; run_mock_upstream('127.0.0.1', 0)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, stdout=PIPE, stderr=PIPE, env=env

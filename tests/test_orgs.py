@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 import redis
 
-from gateway import store as names
 from gateway.cli import main
 from gateway.errors import StoreUnavailable
-from gateway.invalidation import Event
-from gateway.orgs import OrgService
+from gateway.keys.events import Event
+from gateway.keys.orgs import OrgService
+from gateway.store import names
 from tests.conftest import Gateway, GatewayFactory, auth, chat_body
 from tests.test_admin_jwt import bearer, hs_admin, mint
 from tests.test_cli import ok, run_cli
@@ -137,7 +137,7 @@ async def test_org_changes_apply_at_once_everywhere(make_gateway: GatewayFactory
 
 @pytest.mark.parametrize("org", ["acme", "team.a-1", "A" * 64])
 def test_org_names(org: str) -> None:
-    from gateway.orgs import valid_org
+    from gateway.keys.orgs import valid_org
 
     assert valid_org(org)
     assert not valid_org(org + "}") and not valid_org("-" + org) and not valid_org("")

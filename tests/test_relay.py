@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.relay import CLIENT_GONE, CUT, DONE, IDLE, PAUSED, EventPipe
-from gateway.sse import SSERelay
+from gateway.api.relay import CLIENT_GONE, CUT, DONE, IDLE, PAUSED, EventPipe
+from gateway.api.sse import SSERelay
 
 
 class FakeTransport:

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.keys import KeyService
-from gateway.store import open_store
+from gateway.keys.records import KeyService
+from gateway.store.client import open_store
 from tests.conftest import SEED_MODELS, GatewayProcess, auth, chat_body
 
 pytestmark = pytest.mark.integration

@@ -31,8 +31,9 @@ import pytest
 import redis
 import yaml
 
-from gateway.keys import KeyRecord, KeyService
-from gateway.store import key_bucket, limit_tag, open_store
+from gateway.keys.records import KeyRecord, KeyService
+from gateway.store.client import open_store
+from gateway.store.names import key_bucket, limit_tag
 from tests.conftest import SEED_MODELS, GatewayProcess, chat_body
 
 pytestmark = pytest.mark.integration

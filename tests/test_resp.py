@@ -1,4 +1,4 @@
-"""The lean pipelined Redis client (`gateway/resp.py`) against real redis-server processes."""
+"""The lean pipelined Redis client (`gateway/store/resp.py`) against real redis-server processes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.resp import RespClient
-from gateway.store import open_store
+from gateway.store.client import open_store
+from gateway.store.resp import RespClient
 from tests.conftest import RedisServer, free_port
 
 

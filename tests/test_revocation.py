@@ -19,9 +19,9 @@ import aiohttp
 import redis.asyncio as aioredis
 import yaml
 
-from gateway import store as names
-from gateway.invalidation import CHANNEL
-from gateway.keys import KeyService
+from gateway.keys.events import CHANNEL
+from gateway.keys.records import KeyService
+from gateway.store import names
 from tests.conftest import GatewayFactory, GatewayProcess, auth
 from tests.test_admin_jwt import AUDIENCE, SECRET, bearer, mint
 from tests.test_cli import ok, run_cli

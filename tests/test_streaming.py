@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import Timeouts
-from gateway.store import concurrency_set, limit_tag
+from gateway.store.names import concurrency_set, limit_tag
 from tests.conftest import auth, chat_body, gateway_settings
 from tests.raw_server import RawServer
 

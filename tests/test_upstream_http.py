@@ -8,9 +8,10 @@ import gzip
 
 import pytest
 
-from gateway import upstream_http
-from gateway.upstream_http import Target, UpstreamBroken, UpstreamClient, UpstreamConnectError, request_head
+from gateway.upstream import client as upstream_http
+from gateway.upstream.client import Target, UpstreamBroken, UpstreamClient, UpstreamConnectError, request_head
 from tests.raw_server import RawServer
+
 
 def reply(body: bytes, *extra: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n%b" % (
@@ -231,12 +232,12 @@ async def test_requests_leave_no_reference_cycles_for_the_garbage_collector():
 
 def _self_signed(tmp_path) -> tuple[str, str]:
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "upstream.test")])

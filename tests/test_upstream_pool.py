@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import HealthCheck, ModelRoute, Timeouts
-from gateway.upstream import EJECT_AFTER_FAILURES, EJECT_SECONDS, Pool
+from gateway.upstream.pool import EJECT_AFTER_FAILURES, EJECT_SECONDS, Pool
 from tests.conftest import SEED_MODELS, auth, chat_body, free_port, gateway_settings
 
 CHAT = "/v1/chat/completions"

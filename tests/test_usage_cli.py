@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import store as names
-from gateway.store import Store, open_store
-from gateway.usage import FIELDS, Settlement, UsageRecord, UsageWriter
-from gateway.usage_cli import when
-
+from gateway.store import names
+from gateway.store.client import Store, open_store
+from gateway.usage.export import when
+from gateway.usage.records import FIELDS, Settlement, UsageRecord
+from gateway.usage.writer import UsageWriter
 from tests.test_cli import clean_env, ok, run_cli
 
 T0 = datetime(2026, 11, 20, 0, 0, tzinfo=UTC).timestamp()  # records span 2026-11-20 … 2026-11-22

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import redis
 
-from gateway import store as names
-from gateway.store import Store, open_store
-from gateway.usage import Settlement, UsageRecord, UsageWriter
-
+from gateway.store import names
+from gateway.store.client import Store, open_store
+from gateway.usage.records import Settlement, UsageRecord
+from gateway.usage.writer import UsageWriter
 from tests.conftest import REPO
 from tests.test_cli import clean_env
 

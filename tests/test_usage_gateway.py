@@ -14,10 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import store as names
 from gateway.config import ConfigError, load_settings
-from gateway.usage import UsageRecord
-
+from gateway.store import names
+from gateway.usage.records import UsageRecord
 from tests.conftest import Gateway, GatewayFactory, auth, chat_body, gateway_settings
 from tests.test_usage_writer import PersistentRedis, durable_redis, persistent_redis  # noqa: F401
 
@@ -65,7 +64,7 @@ async def test_where_the_counts_come_from(gateway: Gateway, key: str, http: aioh
 
 
 def _json_text(mock_record: dict[str, Any]) -> str:
-    from gateway.mock_upstream import generate_tokens
+    from gateway.mock.text import generate_tokens
 
     body = mock_record["body"]
     tokens = generate_tokens(body["model"], body["messages"][-1]["content"], mock_record["completion_tokens"])

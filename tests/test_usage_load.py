@@ -43,11 +43,10 @@ import orjson
 import pytest
 import yaml
 
-from gateway import store as names
-from gateway.keys import KeyService
-from gateway.store import Store, open_store
-from gateway.usage import UsageRecord
-
+from gateway.keys.records import KeyService
+from gateway.store import names
+from gateway.store.client import Store, open_store
+from gateway.usage.records import UsageRecord
 from tests.conftest import SEED_MODELS, GatewayProcess
 from tests.test_usage_writer import PersistentRedis, durable_redis, persistent_redis  # noqa: F401
 
@@ -421,7 +420,7 @@ async def test_sigterm_mid_load_every_answered_request_has_its_record(
 async def test_truncated_spool_is_recovered_when_a_gateway_starts(
     store: Store, mock_upstream: str, gateways: list[GatewayProcess], tmp_path: Path
 ) -> None:
-    from gateway.spool import frame
+    from gateway.usage.spool import frame
 
     spool = tmp_path / "usage.spool"
     recs = [

@@ -1,4 +1,4 @@
-"""The local usage spool (`gateway/spool.py`) on a real filesystem: framing and checksums, replay
+"""The local usage spool (`gateway/usage/spool.py`) on a real filesystem: framing and checksums, replay
 order and compaction, torn and corrupt lines, locks between processes sharing a directory,
 adoption of what a dead process left, and the fsync policies. No Redis here.
 """
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import spool as spool_module
-from gateway.spool import FileSpool, MemorySpool, frame, open_spool, unframe
-
+from gateway.usage import spool as spool_module
+from gateway.usage.spool import FileSpool, MemorySpool, frame, open_spool, unframe
 from tests.conftest import REPO
 
 
@@ -132,7 +131,7 @@ def test_a_file_held_by_another_process_is_not_adopted(tmp_path: Path) -> None:
     with subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
-            from gateway.spool import FileSpool
+            from gateway.usage.spool import FileSpool
             s = FileSpool({str(path)!r})
             s.append([b'{{"held":1}}'])
             print("ready", flush=True)

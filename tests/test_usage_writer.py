@@ -1,4 +1,4 @@
-"""The usage writer (`gateway/usage.py`) and `record_usage.lua` against a real `redis-server`:
+"""The usage writer (`gateway/usage/writer.py`) and `record_usage.lua` against a real `redis-server`:
 exactly once per record across lost replies, spool replays and writers; aggregates that agree
 with the records; stream retention; outages (the server stopped and started again on the same
 port, with its data kept) and a stop while the store is down; spools left by earlier processes.
@@ -21,11 +21,11 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway import store as names
-from gateway.spool import FileSpool, frame
-from gateway.store import Store, open_store
-from gateway.usage import Settlement, UsageRecord, UsageWriter, day_index
-
+from gateway.store import names
+from gateway.store.client import Store, open_store
+from gateway.usage.records import Settlement, UsageRecord, day_index
+from gateway.usage.spool import FileSpool, frame
+from gateway.usage.writer import UsageWriter
 from tests.conftest import RedisServer
 
 

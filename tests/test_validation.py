@@ -1,4 +1,4 @@
-"""Unit tests of `gateway.validation`: what a Chat Completions body must look like (CONTRACT §2),
+"""Unit tests of `gateway.api.validation`: what a Chat Completions body must look like (CONTRACT §2),
 the prompt token estimate that tpm reserves, and the bytes that go upstream (CONTRACT §1:
 unchanged, except `stream_options.include_usage` added to a stream that did not ask for it).
 """
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import mock_upstream
+from gateway.api.validation import ChatRequest, estimate_prompt_tokens, parse_chat_request, upstream_body
 from gateway.errors import BadRequest
-from gateway.validation import ChatRequest, estimate_prompt_tokens, parse_chat_request, upstream_body
+from gateway.mock import server as mock_upstream
 
 USER = {"role": "user", "content": "Hello!"}
 

@@ -21,8 +21,8 @@ import orjson
 import structlog
 from redis.exceptions import RedisError
 
-from gateway.redis_topology import pubsub_client
-from gateway.store import PREFIX
+from gateway.store.names import PREFIX
+from gateway.store.topology import pubsub_client
 
 log = structlog.get_logger("liutong.events")
 

@@ -3,7 +3,7 @@
 `Limiter.acquire` admits a request with one EVALSHA of `acquire.lua`: the key's rpm and tpm
 buckets (and its org's, when the org has limits) are all checked before any is debited, and a
 concurrency lease is taken in the same step. The tpm buckets are debited an estimate; `finish`
-(run in the usage writer's pipeline, see `usage.py`) refunds or charges the difference to the
+(run in the usage writer's pipeline, see `usage/writer.py`) refunds or charges the difference to the
 real usage and releases the lease. Capacity is the per-minute figure, refilled continuously.
 The `x-ratelimit-*` headers report the tighter of the key's and the org's buckets.
 
@@ -29,12 +29,11 @@ from typing import Any
 import hiredis
 from redis.exceptions import RedisError
 
-from gateway import store as names
 from gateway.config import Limits
 from gateway.errors import RateLimited, StoreUnavailable
-from gateway.keys import KeyRecord
-from gateway.store import Store
-
+from gateway.keys.records import KeyRecord
+from gateway.store import names
+from gateway.store.client import Store
 
 # Overlapped admission (see the module doc): the store's last answer must be this recent, and
 # leave this share of every limit free after the request.

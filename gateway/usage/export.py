@@ -24,16 +24,15 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
-from importlib import resources
 from typing import IO, Any
 
 import orjson
 from redis.exceptions import RedisError
 
-from gateway import store as names
 from gateway.config import Settings
-from gateway.store import Store, open_store
-from gateway.usage import FIELDS, UsageRecord, day_index
+from gateway.store import names
+from gateway.store.client import Store, lua_source, open_store
+from gateway.usage.records import FIELDS, UsageRecord, day_index
 
 PAGE = 1000
 SKEW = 300.0  # seconds: clock skew allowed between a gateway host and the store
@@ -145,7 +144,7 @@ async def scan(
     """Yield the pages of stream entries (id, fields) that may hold records started in
     [since, until). `export_page.lua` sends each entry as one JSON string: parsing the plain
     XRANGE reply in pure Python costs ten times more than everything else an export does."""
-    script = store.redis.register_script(resources.files("gateway").joinpath("lua", "export_page.lua").read_text())
+    script = store.redis.register_script(lua_source("export_page"))
     start = "-" if since is None else f"{max(0, int((since - SKEW) * 1000))}-0"
     end = "+" if until is None else str(int((until + slack) * 1000))
     while True:

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from gateway import store as names
-from gateway.invalidation import Events
+from gateway.keys.events import Events
+from gateway.store import names
 
 # An org name is part of Redis hash tags (`{o:<org>}`): no braces, no spaces, bounded length.
 ORG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

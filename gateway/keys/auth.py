@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from gateway.errors import InvalidApiKey, StoreUnavailable
-from gateway.keys import KEY_PATTERN, KeyRecord, KeyService, digest
+from gateway.keys.records import KEY_PATTERN, KeyRecord, KeyService, digest
 
 _MAX_ENTRIES = 100_000
 

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the admin API, served at `/admin/openapi.json`.
 
-Built from the same field lists the handlers in `admin.py` check (`KEY_CREATE_FIELDS`, …), with
+Built from the same field lists the handlers in `admin/routes.py` check (`KEY_CREATE_FIELDS`, …), with
 `additionalProperties: false` on every request body because the handlers reject unknown fields.
 The tests validate the document, check that its operations are exactly `admin.ROUTES`, and
 validate every answer they get from the routes against the response schema documented here.

@@ -25,7 +25,7 @@ import structlog
 
 from gateway.config import ModelRoute
 from gateway.errors import NoHealthyUpstream
-from gateway.upstream_http import Target
+from gateway.upstream.client import Target
 
 EJECT_AFTER_FAILURES = 5
 EJECT_SECONDS = 30.0

@@ -16,31 +16,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
-from gateway.caller_jwt import caller_header
+from gateway.api.relay import CLIENT_GONE, CUT, DONE, IDLE, EventPipe
+from gateway.api.settle import json_usage, settle
+from gateway.api.sse import SSERelay
+from gateway.api.validation import ChatRequest, parse_chat_request, upstream_body
+from gateway.api.watch import IdleWatch
 from gateway.errors import (
     BadRequest,
-    RequestTimeout,
     BodyTooLarge,
     Draining,
     ModelNotFound,
+    RequestTimeout,
     UnsupportedMediaType,
     UpstreamError,
     UpstreamTimeout,
     error_body,
 )
-from gateway.ratelimit import Grant
-from gateway.relay import CLIENT_GONE, CUT, DONE, IDLE, EventPipe
-from gateway.sse import SSERelay
+from gateway.limits.buckets import Grant
 from gateway.state import EXCHANGE, STATE, AppState, Exchange
-from gateway.upstream import Pool, Upstream
-from gateway.upstream_http import UpstreamBroken, UpstreamConnectError, UpstreamResponse
-from gateway.usage import Settlement, UsageRecord
-from gateway.validation import ChatRequest, parse_chat_request, upstream_body
+from gateway.upstream.caller_jwt import caller_header
+from gateway.upstream.client import UpstreamBroken, UpstreamConnectError, UpstreamResponse
+from gateway.upstream.pool import Pool, Upstream
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus what the gateway sets itself or must never forward.
 _NOT_FORWARDED = frozenset((
@@ -296,7 +296,7 @@ async def _forward(
         ex.upstream_done_at = time.perf_counter()
         record_status = upstream_response.status
         if record_status == 200:
-            usage, json_estimate = _json_usage(payload)
+            usage, json_estimate = json_usage(payload)
         headers = _returned_headers(upstream_response, grant.headers)
         headers["x-request-id"] = ex.request_id
         response = web.Response(status=record_status, body=payload, headers=headers)
@@ -326,10 +326,10 @@ async def _forward(
         inflight.dec()
         state.inflight -= 1
         if grant is not None:
-            _settle(state, ex, chat, grant, attempt.reached, record_status or 500, usage, relay, json_estimate)
+            settle(state, ex, chat, grant, attempt.reached, record_status or 500, usage, relay, json_estimate)
         else:  # the client left before the verdict arrived, or it denied the request
             _settle_when_admitted(admission, functools.partial(  # type: ignore[arg-type]
-                _settle, state, ex, chat, reached=attempt.reached, status=record_status or 500, usage=usage,
+                settle, state, ex, chat, reached=attempt.reached, status=record_status or 500, usage=usage,
                 relay=relay, json_estimate=json_estimate))  # fmt: skip
 
 
@@ -395,141 +395,6 @@ async def _relay_stream(
     return failure[2] if failure else 200
 
 
-class IdleWatch:
-    """Cancels the handler's task when the upstream has not answered in the allowed time.
-
-    Per wait it only stores a deadline (`reading`: the head, the rest of a JSON answer) or
-    clears it while the gateway writes to the client (`writing`); its one
-    timer re-arms itself when it fires before the current deadline. That replaces an
-    `asyncio.timeout` per wait (a timer handle created and cancelled each time), which were
-    ~9 % of the gateway's CPU on streams and on JSON requests alike. A stream's body has its
-    own deadlines in `EventPipe`.
-    """
-
-    __slots__ = ("_loop", "_task", "_cancelling", "_due", "_armed", "_handle", "_expired")
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._due: float | None = None
-        self._armed = 0.0
-        self._handle: asyncio.TimerHandle | None = None
-        self._expired = False
-
-    def reading(self, seconds: float) -> None:
-        """The upstream has `seconds` from now to send something."""
-        self._due = due = self._loop.time() + seconds
-        if self._handle is None or self._armed > due:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._armed = due
-            self._handle = self._loop.call_at(due, self._fire)
-
-    def writing(self) -> None:
-        """The gateway is writing to the client: that time is not the upstream's."""
-        self._due = None
-
-    def _fire(self) -> None:
-        self._handle = None
-        due = self._due
-        if due is None:  # writing; the next `reading` arms the timer again
-            return
-        if self._loop.time() + 0.001 < due:
-            self._armed = due
-            self._handle = self._loop.call_at(due, self._fire)
-            return
-        self._expired = True
-        self._task.cancel()
-
-    def expired_now(self) -> bool:
-        """True when the CancelledError being handled is this watch's own (and only) one."""
-        return self._expired and self._task.uncancel() <= self._cancelling
-
-    def interrupt(self, admission: asyncio.Future[Grant]) -> None:
-        """Stop waiting for the upstream now if the store denied this overlapped request."""
-        if self._due is not None and not admission.cancelled() and admission.exception() is not None:
-            self._expired = True
-            self._task.cancel()
-
-    def close(self) -> None:
-        self._due = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-
-def _json_usage(payload: bytes) -> tuple[dict[str, Any] | None, int | None]:
-    """The upstream's usage block, and ⌈characters / 4⌉ of the replies for when it has none."""
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None, None
-    if not isinstance(body, dict):
-        return None, None
-    usage = body.get("usage")
-    if isinstance(usage, dict):
-        return usage, None
-    chars = 0
-    for choice in body.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-    return None, (chars + 3) // 4
-
-
 def _upstream_failed(state: AppState, pool: Pool, upstream: Upstream, model: str, reason: str) -> None:
     pool.failed(upstream)
     state.metrics.upstream_errors.labels(model, reason).inc()
-
-
-def _count(usage: dict[str, Any], name: str) -> int | None:
-    value = usage.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _settle(
-    state: AppState,
-    ex: Exchange,
-    chat: ChatRequest,
-    grant: Grant,
-    reached: bool,
-    status: int,
-    usage: dict[str, Any] | None,
-    relay: SSERelay | None,
-    json_estimate: int | None,
-) -> None:
-    prompt = completion = None
-    if usage is not None:
-        prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
-    if prompt is not None and completion is not None:
-        source = "upstream"
-    elif relay is not None:  # the upstream took the stream: its prompt, and each content event relayed
-        source, prompt, completion = "estimated", chat.prompt_estimate, relay.content_events
-    elif json_estimate is not None:
-        source, prompt, completion = "estimated", chat.prompt_estimate, json_estimate
-    elif reached and status == 499:  # the client left while the upstream worked on the prompt
-        source, prompt, completion = "estimated", chat.prompt_estimate, 0
-    else:  # an upstream error or nothing came back: nothing generated that anyone received
-        source, prompt, completion = "estimated", 0, 0
-    ex.prompt_tokens, ex.completion_tokens, ex.usage_source = prompt, completion, source
-    keys, args = state.limiter.finish_call(grant, prompt + completion)
-    record = None
-    if reached:
-        record = UsageRecord(
-            request_id=ex.request_id,
-            key_id=ex.key_id or "",
-            org=ex.org,
-            model=chat.model,
-            status=status,
-            stream=chat.stream,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            usage_source=source,
-            started_at=ex.started_wall,
-            duration_ms=int((time.perf_counter() - ex.started) * 1000),
-        )
-    state.usage.submit(Settlement(keys, args, record))

@@ -1,6 +1,6 @@
 """The local spool: usage records that wait on this host while the store is unreachable.
 
-When Redis does not answer, the usage writer (`usage.py`) appends the records it could not
+When Redis does not answer, the usage writer (`usage/writer.py`) appends the records it could not
 write here, and replays them in order once Redis answers again; `record_usage.lua`'s
 idempotence marker makes a replayed record that had reached the store after all a no-op.
 After a complete replay the file is truncated. `FileSpool` is an append-only file with one

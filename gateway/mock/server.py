@@ -32,16 +32,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import math
 import os
 import signal
 import time
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
+
+from gateway.mock.requests import BadMockRequest, Controls, Plan, error_body, forced_error, parse_body
+from gateway.mock.text import Token, apply_stop, estimate_prompt_tokens, generate_tokens
 
 __all__ = [
     "MockRecord",
@@ -49,75 +50,19 @@ __all__ = [
     "MockStats",
     "STATE_KEY",
     "create_mock_app",
-    "estimate_prompt_tokens",
-    "generate_tokens",
     "run_mock_upstream",
     "start_mock_upstream",
 ]
 
 MODELS: Final = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
-DEFAULT_TOKENS: Final = 16
-MAX_TOKENS_HEADER: Final = 1_000_000
-MAX_N: Final = 128
 MAX_RECORDS: Final = 10_000
 CLIENT_MAX_SIZE: Final = 64 * 1024 * 1024
 
-_WORDS: Final = tuple(
-    """amber river lantern quiet harbor meadow silver orchard compass thunder velvet canyon ember
-    glacier willow falcon prism beacon marble horizon cedar tundra saffron echo garnet summit
-    pebble aurora juniper quartz ripple meridian cobalt fennel lagoon tapestry zephyr basalt
-    citrus driftwood nebula obsidian paprika quill rosewood sierra tidal umber vortex walnut
-    yonder zinnia bramble cascade dune fjord grotto hollow indigo jasmine kestrel lichen mosaic
-    nectar""".split()
-)
-_CHOICE_STRIDE: Final = 23
 # With no interval, a stream yields to the loop every this many token positions (a write only
 # suspends when the socket buffer is full, so a long stream would otherwise hog the loop).
 _YIELD_EVERY: Final = 32
-# (text, JSON-encoded text) of each word as a first token and as a later token.
-_FIRST: Final = tuple((w, orjson.dumps(w)) for w in _WORDS)
-_LATER: Final = tuple((" " + w, orjson.dumps(" " + w)) for w in _WORDS)
-
 _SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 _DONE: Final = b"data: [DONE]\n\n"
-
-Token = tuple[str, bytes]
-
-
-def estimate_prompt_tokens(messages: Sequence[Any]) -> int:
-    """2 + for each message 4 + ceil(len(content) / 4); non-string content counts as ""."""
-    total = 2
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        total += 4 + (math.ceil(len(content) / 4) if isinstance(content, str) else 0)
-    return total
-
-
-def generate_tokens(model: str, prompt: str, count: int, choice: int = 0) -> list[Token]:
-    """The deterministic tokens (text, JSON-encoded text) of one choice, before stop strings."""
-    start = zlib.crc32(f"{model}\0{prompt}".encode()) + _CHOICE_STRIDE * choice
-    size = len(_WORDS)
-    return [(_LATER if k else _FIRST)[(start + k) % size] for k in range(count)]
-
-
-def _apply_stop(tokens: list[Token], stops: Sequence[str]) -> list[Token] | None:
-    """The tokens before the earliest stop string, or None when no stop string occurs."""
-    text = "".join(t for t, _ in tokens)
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if not found:
-        return None
-    cut, pos, kept = min(found), 0, []
-    for token in tokens:
-        if pos + len(token[0]) <= cut:
-            kept.append(token)
-            pos += len(token[0])
-            continue
-        if cut > pos:
-            part = token[0][: cut - pos]
-            kept.append((part, orjson.dumps(part)))
-        break
-    return kept
-
 
 @dataclasses.dataclass(slots=True)
 class MockRecord:
@@ -204,62 +149,6 @@ class MockState:
 STATE_KEY: Final = web.AppKey("liutong_mock_state", MockState)
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Controls:
-    """The x-mock-* request headers, parsed."""
-
-    status: int | None
-    delay_ms: int
-    first_event_delay_ms: int
-    interval_ms: int
-    drop_after: int | None
-    no_usage: bool
-    tokens: int
-
-    @classmethod
-    def parse(cls, headers: Mapping[str, str]) -> _Controls:
-        status = _int_header(headers, "x-mock-status", 400, 599)
-        drop = _int_header(headers, "x-mock-drop-after", 0, None)
-        tokens = _int_header(headers, "x-mock-tokens", 0, MAX_TOKENS_HEADER)
-        no_usage = headers.get("x-mock-no-usage", "0").strip().lower()
-        if no_usage not in ("0", "1", "true", "false"):
-            raise _BadRequest("x-mock-no-usage must be 0 or 1", "x-mock-no-usage")
-        return cls(
-            status=status,
-            delay_ms=_int_header(headers, "x-mock-delay-ms", 0, None) or 0,
-            first_event_delay_ms=_int_header(headers, "x-mock-first-event-delay-ms", 0, None) or 0,
-            interval_ms=_int_header(headers, "x-mock-interval-ms", 0, None) or 0,
-            drop_after=drop,
-            no_usage=no_usage in ("1", "true"),
-            tokens=DEFAULT_TOKENS if tokens is None else tokens,
-        )
-
-
-def _int_header(headers: Mapping[str, str], name: str, low: int, high: int | None) -> int | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise _BadRequest(f"header {name} must be an integer {bound}, got {raw!r}", name)
-    return value
-
-
-def _error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:
-    error = {"message": message, "type": type_, "param": param, "code": code}
-    return orjson.dumps({"error": error})
-
-
 def _json_response(status: int, body: bytes, request_id: str) -> web.Response:
     return web.Response(
         status=status,
@@ -269,88 +158,14 @@ def _json_response(status: int, body: bytes, request_id: str) -> web.Response:
     )
 
 
-def _forced_error(status: int) -> bytes:
-    type_, code = "server_error", None
-    if status == 401:
-        type_, code = "invalid_request_error", "invalid_api_key"
-    elif status == 404:
-        type_, code = "invalid_request_error", "model_not_found"
-    elif status == 429:
-        type_, code = "requests", "rate_limit_exceeded"
-    elif status < 500:
-        type_ = "invalid_request_error"
-    return _error_body(f"mock upstream: forced status {status}", type_, None, code)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Plan:
-    """What to generate for one valid request."""
-
-    model: str
-    n: int
-    stream: bool
-    include_usage: bool
-    cap: int | None
-    stops: tuple[str, ...]
-    prompt: str
-
-
-def _parse_body(raw: bytes) -> tuple[Any, _Plan]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise _BadRequest("request body is not valid JSON", None) from None
-    if not isinstance(body, dict):
-        raise _BadRequest("request body must be a JSON object", None)
-    model, messages = body.get("model"), body.get("messages")
-    if not isinstance(model, str):
-        raise _BadRequest("'model' is required and must be a string", "model")
-    if not isinstance(messages, list):
-        raise _BadRequest("'messages' is required and must be an array", "messages")
-    n = _positive(body, "n", MAX_N)
-    cap = _positive(body, "max_completion_tokens", None) or _positive(body, "max_tokens", None)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _BadRequest("'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _BadRequest("'stream_options' must be an object", "stream_options")
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _BadRequest("'stop' must be a string or an array of strings", "stop")
-    last = messages[-1] if messages else None
-    prompt = last.get("content") if isinstance(last, dict) else None
-    return body, _Plan(
-        model=model,
-        n=n or 1,
-        stream=bool(stream),
-        include_usage=bool(options and options.get("include_usage") is True),
-        cap=cap,
-        stops=tuple(s for s in stops if s),
-        prompt=prompt if isinstance(prompt, str) else "",
-    )
-
-
-def _positive(body: Mapping[str, Any], name: str, high: int | None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _BadRequest(f"'{name}' must be a positive integer", name)
-    if high is not None and value > high:
-        raise _BadRequest(f"'{name}' must be at most {high}", name)
-    return value
-
-
-def _choices(plan: _Plan, count: int) -> list[tuple[list[Token], str]]:
+def _choices(plan: Plan, count: int) -> list[tuple[list[Token], str]]:
     """Each choice's tokens and finish reason."""
     capped = plan.cap is not None and plan.cap < count
     count = min(count, plan.cap) if plan.cap is not None else count
     out = []
     for c in range(plan.n):
         tokens = generate_tokens(plan.model, plan.prompt, count, c)
-        cut = _apply_stop(tokens, plan.stops) if plan.stops else None
+        cut = apply_stop(tokens, plan.stops) if plan.stops else None
         if cut is not None:
             out.append((cut, "stop"))
         else:
@@ -381,11 +196,11 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     stats.open(record)
     try:
         try:
-            controls = _Controls.parse(headers)
-            body, plan = _parse_body(await request.read())
-        except _BadRequest as exc:
+            controls = Controls.parse(headers)
+            body, plan = parse_body(await request.read())
+        except BadMockRequest as exc:
             stats.finish(record, "error_status", 400)
-            error = _error_body(exc.message, "invalid_request_error", exc.param, None)
+            error = error_body(exc.message, "invalid_request_error", exc.param, None)
             return _json_response(400, error, request_id)
         record.model, record.body, record.n = plan.model, body, plan.n
         record.stream, record.include_usage = plan.stream, plan.include_usage
@@ -395,7 +210,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(controls.delay_ms / 1000)
         if controls.status is not None:
             stats.finish(record, "error_status", controls.status)
-            return _json_response(controls.status, _forced_error(controls.status), request_id)
+            return _json_response(controls.status, forced_error(controls.status), request_id)
         choices = _choices(plan, controls.tokens)
         record.finish_reasons = [reason for _, reason in choices]
         if plan.stream:
@@ -414,8 +229,8 @@ async def _complete(
     request: web.Request,
     record: MockRecord,
     stats: MockStats,
-    controls: _Controls,
-    plan: _Plan,
+    controls: Controls,
+    plan: Plan,
     choices: list[tuple[list[Token], str]],
 ) -> web.StreamResponse:
     longest = max((len(tokens) for tokens, _ in choices), default=0)
@@ -452,8 +267,8 @@ async def _stream(
     request: web.Request,
     record: MockRecord,
     stats: MockStats,
-    controls: _Controls,
-    plan: _Plan,
+    controls: Controls,
+    plan: Plan,
     choices: list[tuple[list[Token], str]],
 ) -> web.StreamResponse:
     resp = web.StreamResponse(

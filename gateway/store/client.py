@@ -2,13 +2,12 @@
 
 `open_store(settings)` returns a `Store`: a redis-py asyncio client with explicit timeouts and
 a bounded pool against `redis_url` (one server, a Cluster or a Sentinel-managed master: see
-`redis_topology.py`), or, with no URL, fakeredis running the very same Lua scripts in-process
+`store/topology.py`), or, with no URL, fakeredis running the very same Lua scripts in-process
 (nothing shared, nothing kept across restarts). Scripts are `.lua` files shipped with the
 package, registered once and run with EVALSHA by `Store.run` / `Store.run_many`, which load
 them again on NOSCRIPT (on every primary of a Cluster). Against one server (`redis://`) those
-two go through the lean pipelined client of `resp.py`, the request path's only Redis calls;
-everything else uses redis-py. Every Redis key the gateway uses is made here, starting with
-`liutong:`.
+two go through the lean pipelined client of `store/resp.py`, the request path's only Redis calls;
+everything else uses redis-py. The Redis keys are named in `names.py`.
 """
 
 from __future__ import annotations
@@ -23,14 +22,13 @@ from redis.asyncio.connection import parse_url
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from gateway.redis_topology import connect, parse_redis_url
-from gateway.resp import RespClient
-
-PREFIX = "liutong:"
+from gateway.store.resp import RespClient
+from gateway.store.topology import connect, parse_redis_url
 
 
-def _lua(name: str) -> str:
-    return resources.files("gateway").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+def lua_source(name: str) -> str:
+    """The text of a Lua script shipped in `gateway/store/lua/`."""
+    return resources.files("gateway.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,59 +118,8 @@ def open_store(redis_url: str | None, *, timeout: float = 0.5, max_connections: 
         client = fakeredis.FakeAsyncRedis()
         embedded = True
     scripts = Scripts(
-        acquire=client.register_script(_lua("acquire")),
-        finish=client.register_script(_lua("finish")),
-        record_usage=client.register_script(_lua("record_usage")),
+        acquire=client.register_script(lua_source("acquire")),
+        finish=client.register_script(lua_source("finish")),
+        record_usage=client.register_script(lua_source("record_usage")),
     )
     return Store(redis=client, scripts=scripts, embedded=embedded, lane=lane)
-
-
-# --- key names ------------------------------------------------------------------------------
-# Buckets and the concurrency set of a key share one hash tag with its org's buckets (the org
-# when it has one), so that one script call can check them all on a Redis Cluster slot.
-
-
-def limit_tag(key_id: str, org: str | None) -> str:
-    return f"{{o:{org}}}" if org else f"{{k:{key_id}}}"
-
-
-def key_bucket(tag: str, key_id: str, kind: str) -> str:
-    return f"{PREFIX}{tag}:key:{key_id}:{kind}"
-
-
-def org_bucket(tag: str, org: str, kind: str) -> str:
-    return f"{PREFIX}{tag}:org:{org}:{kind}"
-
-
-def concurrency_set(tag: str, key_id: str) -> str:
-    return f"{PREFIX}{tag}:key:{key_id}:inflight"
-
-
-def key_record(digest_hex: str) -> str:
-    return f"{PREFIX}key:{digest_hex}"
-
-
-def key_id_index(key_id: str) -> str:
-    return f"{PREFIX}keyid:{key_id}"
-
-
-KEY_IDS = f"{PREFIX}keys"
-
-
-def org_record(org: str) -> str:
-    return f"{PREFIX}org:{org}"
-
-
-ORGS = f"{PREFIX}orgs"
-
-USAGE_TAG = "{usage}"
-USAGE_STREAM = f"{PREFIX}{USAGE_TAG}:records"
-
-
-def usage_marker(request_id: str) -> str:
-    return f"{PREFIX}{USAGE_TAG}:seen:{request_id}"
-
-
-def usage_aggregate(scope: str, name: str, period: str) -> str:
-    """`scope` is `key` or `org`; `period` is `h:YYYYMMDDHH` or `d:YYYYMMDD` (UTC)."""
-    return f"{PREFIX}{USAGE_TAG}:agg:{scope}:{name}:{period}"

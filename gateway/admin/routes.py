@@ -7,29 +7,28 @@ so every `/admin/` path answers the contract's 404. Handlers go through the same
 the CLI (`KeyService`, `OrgService`), whose writes publish invalidation events; a plaintext
 key appears only in the answer to create and rotate (marked `Cache-Control: no-store`) and is
 never logged. Every write is logged once with the token's subject. The OpenAPI document of
-these routes is `openapi.py`'s, served at `/admin/openapi.json`.
+these routes is `admin/openapi.py`'s, served at `/admin/openapi.json`.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from gateway import store as names
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, UnsupportedMediaType
-from gateway.jwt_auth import ADMIN, VIEWER, JwtVerifier, Principal
-from gateway.keys import KeyNotFound, KeyRecord, KeyRevoked
-from gateway.openapi import document
-from gateway.orgs import OrgExists, OrgNotFound, OrgService, valid_org
+from gateway.admin import bodies
+from gateway.admin.openapi import document
+from gateway.admin.verifier import ADMIN, VIEWER, JwtVerifier, Principal
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
+from gateway.keys.orgs import OrgExists, OrgNotFound, OrgService
+from gateway.keys.records import KeyNotFound, KeyRecord, KeyRevoked
 from gateway.state import EXCHANGE, AppState
+from gateway.store import names
 
 log = structlog.get_logger("liutong.admin")
 
@@ -37,9 +36,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_PAGE = 1000
 MAX_USAGE_BUCKETS = 2000
-_MAX_INT = 10**12
-_AGE = re.compile(r"(\d+)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,99 +65,6 @@ def _audit(request: web.Request, action: str, **fields: Any) -> None:
     principal = request[PRINCIPAL]
     log.info("admin_action", action=action, subject=principal.subject, role=principal.role,
              request_id=request[EXCHANGE].request_id, **fields)  # fmt: skip
-
-
-# --- request bodies: each check names the field (`param`) it rejects ------------------------
-
-
-async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read() if request.can_read_body else b""
-    if not raw.strip():
-        if optional:
-            return {}
-        raise BadRequest("This route needs a JSON object body.")
-    media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise UnsupportedMediaType("Send the body as `Content-Type: application/json`.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("The body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The body must be a JSON object.")
-    return body
-
-
-def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise BadRequest(f"Unknown field `{name}`; expected some of: {', '.join(allowed)}.", param=name)
-
-
-def _name(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 200:
-        raise BadRequest(f"`{param}` must be a non-empty string of at most 200 characters.", param=param)
-    return value
-
-
-def _org(value: Any, param: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not valid_org(value):
-        raise BadRequest(f"`{param}` must be 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit.",
-                         param=param)  # fmt: skip
-    return value
-
-
-def _limit(value: Any, param: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
-        raise BadRequest(f"`{param}` must be a whole number ≥ 0 (0 = no limit), or null.", param=param)
-    return value
-
-
-def _models(value: Any, param: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise BadRequest(f"`{param}` must be an array of model ids ([] = every model).", param=param)
-    models: list[str] = []
-    for i, model in enumerate(value):
-        if not isinstance(model, str) or not model or len(model) > 200 or "," in model:
-            raise BadRequest(f"`{param}[{i}]` must be a model id (a non-empty string without commas).",
-                             param=f"{param}[{i}]")  # fmt: skip
-        if model not in models:
-            models.append(model)
-    return tuple(models)
-
-
-def _seconds(value: Any, param: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise BadRequest(f"`{param}` must be a number of seconds.", param=param)
-    if value < 0 or (value == 0 and not allow_zero) or value > 100 * 365 * 86400:
-        raise BadRequest(f"`{param}` must be a {'non-negative' if allow_zero else 'positive'} number of seconds.",
-                         param=param)  # fmt: skip
-    return float(value)
-
-
-def _expiry(body: dict[str, Any], now: float) -> dict[str, float | None]:
-    """`expires_in` (seconds from now) or `expires_at` (Unix seconds, or null: never)."""
-    if "expires_in" in body and "expires_at" in body:
-        raise BadRequest("Give either `expires_in` or `expires_at`, not both.", param="expires_at")
-    if "expires_in" in body:
-        return {"expires_at": now + _seconds(body["expires_in"], "expires_in")}
-    if "expires_at" in body:
-        value = body["expires_at"]
-        if value is None:
-            return {"expires_at": None}
-        return {"expires_at": _seconds(value, "expires_at")}
-    return {}
-
-
-_KEY_LIMITS = ("rpm", "tpm", "max_concurrent")
-KEY_CREATE_FIELDS = ("name", "org", "models", *_KEY_LIMITS, "expires_in", "expires_at")
-KEY_UPDATE_FIELDS = ("name", "org", "models", *_KEY_LIMITS, "expires_in", "expires_at", "disabled")
-ORG_CREATE_FIELDS = ("org", "rpm", "tpm")
-ORG_UPDATE_FIELDS = ("rpm", "tpm")
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -206,19 +109,19 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _only(body, KEY_CREATE_FIELDS)
+    body = await bodies.read_body(request)
+    bodies.only(body, bodies.KEY_CREATE_FIELDS)
     if "name" not in body:
         raise BadRequest("`name` is required.", param="name")
     now = time.time()
-    expiry = _expiry(body, now).get("expires_at")
+    expiry = bodies.expiry(body, now).get("expires_at")
     plaintext, record = await _state(request).keys.create(
-        _name(body["name"], "name"),
-        org=_org(body.get("org"), "org"),
-        models=_models(body.get("models", []), "models"),
-        rpm=_limit(body.get("rpm"), "rpm"),
-        tpm=_limit(body.get("tpm"), "tpm"),
-        max_concurrent=_limit(body.get("max_concurrent"), "max_concurrent"),
+        bodies.name(body["name"], "name"),
+        org=bodies.org(body.get("org"), "org"),
+        models=bodies.models(body.get("models", []), "models"),
+        rpm=bodies.limit(body.get("rpm"), "rpm"),
+        tpm=bodies.limit(body.get("tpm"), "tpm"),
+        max_concurrent=bodies.limit(body.get("max_concurrent"), "max_concurrent"),
         expires_in=None if expiry is None else expiry - now,
         now=now,
     )
@@ -231,21 +134,21 @@ async def show_key(request: web.Request) -> web.Response:
 
 
 async def update_key(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _only(body, KEY_UPDATE_FIELDS)
+    body = await bodies.read_body(request)
+    bodies.only(body, bodies.KEY_UPDATE_FIELDS)
     if not body:
-        raise BadRequest(f"Give at least one field to change: {', '.join(KEY_UPDATE_FIELDS)}.")
+        raise BadRequest(f"Give at least one field to change: {', '.join(bodies.KEY_UPDATE_FIELDS)}.")
     changes: dict[str, Any] = {}
     if "name" in body:
-        changes["name"] = _name(body["name"], "name")
+        changes["name"] = bodies.name(body["name"], "name")
     if "org" in body:
-        changes["org"] = _org(body["org"], "org")
+        changes["org"] = bodies.org(body["org"], "org")
     if "models" in body:
-        changes["models"] = _models(body["models"], "models")
-    for field in _KEY_LIMITS:
+        changes["models"] = bodies.models(body["models"], "models")
+    for field in bodies.KEY_LIMITS:
         if field in body:
-            changes[field] = _limit(body[field], field)
-    changes.update(_expiry(body, time.time()))
+            changes[field] = bodies.limit(body[field], field)
+    changes.update(bodies.expiry(body, time.time()))
     if "disabled" in body:
         if not isinstance(body["disabled"], bool):
             raise BadRequest("`disabled` must be true or false.", param="disabled")
@@ -272,11 +175,11 @@ async def enable_key(request: web.Request) -> web.Response:
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    body = await _body(request, optional=True)
-    _only(body, ("overlap_seconds",))
+    body = await bodies.read_body(request, optional=True)
+    bodies.only(body, ("overlap_seconds",))
     overlap = request.app[ADMIN_CONTEXT].rotation_overlap
     if "overlap_seconds" in body:
-        overlap = _seconds(body["overlap_seconds"], "overlap_seconds", allow_zero=True)
+        overlap = bodies.seconds(body["overlap_seconds"], "overlap_seconds", allow_zero=True)
     record = await _key(request)
     try:
         plaintext, new, old = await _state(request).keys.rotate(record.key_id, overlap=overlap)
@@ -306,15 +209,15 @@ async def list_orgs(request: web.Request) -> web.Response:
 
 
 async def create_org(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _only(body, ORG_CREATE_FIELDS)
+    body = await bodies.read_body(request)
+    bodies.only(body, bodies.ORG_CREATE_FIELDS)
     if "org" not in body:
         raise BadRequest("`org` is required.", param="org")
-    org = _org(body["org"], "org")
+    org = bodies.org(body["org"], "org")
     assert org is not None
     try:
         record = await _orgs(request).create(
-            org, rpm=_limit(body.get("rpm"), "rpm"), tpm=_limit(body.get("tpm"), "tpm")
+            org, rpm=bodies.limit(body.get("rpm"), "rpm"), tpm=bodies.limit(body.get("tpm"), "tpm")
         )
     except OrgExists:
         raise Conflict(f"Org {org!r} exists already; change its limits with PATCH.", code="org_exists",
@@ -332,11 +235,11 @@ async def show_org(request: web.Request) -> web.Response:
 
 
 async def update_org(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _only(body, ORG_UPDATE_FIELDS)
+    body = await bodies.read_body(request)
+    bodies.only(body, bodies.ORG_UPDATE_FIELDS)
     if not body:
         raise BadRequest("Give at least one field to change: rpm, tpm.")
-    changes = {name: _limit(body[name], name) for name in ORG_UPDATE_FIELDS if name in body}
+    changes = {name: bodies.limit(body[name], name) for name in bodies.ORG_UPDATE_FIELDS if name in body}
     org = request.match_info["org"]
     try:
         record = await _orgs(request).update(org, **changes)
@@ -347,25 +250,6 @@ async def update_org(request: web.Request) -> web.Response:
 
 
 # --- usage ----------------------------------------------------------------------------------
-
-
-def _instant(text: str, param: str, now: float) -> float:
-    """ISO 8601 (`2026-11-25T10:00:00Z`; no zone = UTC), Unix seconds, or an age (`90m`, `7d`)."""
-    age = _AGE.fullmatch(text.strip())
-    if age:
-        return now - int(age.group(1)) * _UNITS[age.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadRequest(f"`{param}` must be ISO 8601 (2026-11-25T10:00:00Z), Unix seconds or an age "
-                         "(90m, 2h, 7d).", param=param) from None  # fmt: skip
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def _iso(epoch: float) -> str:
@@ -388,8 +272,8 @@ async def usage(request: web.Request) -> web.Response:
     if granularity not in ("hour", "day"):
         raise BadRequest("`granularity` must be `hour` or `day`.", param="granularity")
     now = time.time()
-    until = _instant(query["until"], "until", now) if "until" in query else now
-    since = _instant(query["since"], "since", now) if "since" in query else until - 86400
+    until = bodies.instant(query["until"], "until", now) if "until" in query else now
+    since = bodies.instant(query["since"], "since", now) if "since" in query else until - 86400
     if since >= until:
         raise BadRequest("`since` must be before `until`.", param="since")
     step = 3600 if granularity == "hour" else 86400
@@ -440,7 +324,7 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(200, document())
 
 
-# (method, path, role needed, handler): the routes, as `openapi.py` documents them.
+# (method, path, role needed, handler): the routes, as `admin/openapi.py` documents them.
 ROUTES: tuple[tuple[str, str, str, Handler], ...] = (
     ("GET", "/admin/", VIEWER, whoami),
     ("GET", "/admin/openapi.json", VIEWER, openapi),

@@ -4,7 +4,7 @@ A key is `lt_` + 40 characters of `[A-Za-z0-9]` drawn from `secrets` (a CSPRNG).
 keeps only its SHA-256 digest and metadata under `liutong:key:<digest>`, plus an index from
 the short public `key_id` to the digest. The plaintext is returned once by `create` and never
 stored. The CLI and the admin API manage keys through `KeyService` only, and every change is
-published through `Events` (see `invalidation.py`) so that every replica's cache drops the entry.
+published through `Events` (see `keys/events.py`) so that every replica's cache drops the entry.
 A rotated key's predecessor gets a `revoked_at` in the future: it works until then.
 """
 
@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from gateway import store as names
-from gateway.invalidation import Events
+from gateway.keys.events import Events
+from gateway.store import names
 
 KEY_PREFIX = "lt_"
 KEY_BODY_LENGTH = 40

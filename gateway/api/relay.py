@@ -1,6 +1,6 @@
 """An upstream event stream relayed to the client in callbacks, as its bytes arrive.
 
-`EventPipe.body` is the body callback of an `UpstreamResponse` (`gateway/upstream_http.py`):
+`EventPipe.body` is the body callback of an `UpstreamResponse` (`gateway/upstream/client.py`):
 each piece the upstream sends goes through the SSE cutter (`SSERelay.feed`: whole events only,
 usage read, nothing re-encoded) and straight to the client's transport, framed as an HTTP/1.1
 chunk, inside the upstream connection's `data_received`. The handler only awaits the outcome
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.sse import SSERelay
-from gateway.upstream_http import UpstreamResponse
+from gateway.api.sse import SSERelay
+from gateway.upstream.client import UpstreamResponse
 
 DONE, CUT, IDLE, CLIENT_GONE, PAUSED = "done", "cut", "idle", "client_gone", "paused"
 
