@@ -41,6 +41,7 @@ from gateway.metrics import Metrics
 from gateway.state import EXCHANGE, STATE, AppState, Exchange
 from gateway.store.client import Store, open_store
 from gateway.store.topology import ping_primaries
+from gateway.upstream.load import export_load_sources, run_load_polls
 from gateway.upstream.pool import build_pools, run_health_checks
 from gateway.usage.records import UsageRecord
 from gateway.usage.spool import open_spool
@@ -189,6 +190,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     for name, pool in state.pools.items():
         for upstream in pool.upstreams:
             state.metrics.upstream_healthy.labels(name, upstream.root).set(1 if upstream.available(now) else 0)
+    export_load_sources(state.metrics, state.pools, now)
     return web.Response(body=state.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
 
@@ -250,6 +252,9 @@ def _lifecycle(state: AppState) -> Callable[[web.Application], AsyncIterator[Non
         checks = asyncio.get_running_loop().create_task(
             run_health_checks(lambda: state.pools, state.session), name="upstream-health-checks"
         )
+        load_polls = asyncio.get_running_loop().create_task(
+            run_load_polls(lambda: state.pools, state.session), name="upstream-load-polls"
+        )
         # Key and org changes made on other replicas (or by the CLI) drop this one's cache entries.
         subscriber = None if state.store.embedded or not state.settings.redis_url else Subscriber(
             state.settings.redis_url, state.events, connect_timeout=max(state.settings.store_timeout, 1.0)
@@ -261,6 +266,7 @@ def _lifecycle(state: AppState) -> Callable[[web.Application], AsyncIterator[Non
         finally:
             monitor.cancel()
             checks.cancel()
+            load_polls.cancel()
             if subscriber is not None:
                 await subscriber.close()
             await state.usage.close()

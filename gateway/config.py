@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,6 +76,24 @@ class CallerJwt:
     key_id: str | None = None  # sent as the token's `kid`
 
 
+ROUTING_POLICIES = ("prefix_affinity", "least_outstanding", "round_robin")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixAffinity:
+    """How `prefix_affinity` weighs a prompt's cached prefix against load (see `upstream/policies.py`
+    and the README's "Routing"). Every price is in prompt tokens: the prefill a cached block saves
+    is 16 tokens, and one unit of load costs the tokens below."""
+
+    max_blocks: int = 128  # blocks of a prompt hashed (16 words each): the first 2,048 words
+    index_blocks: int = 32_768  # block ids remembered per upstream (LRU)
+    waiting_tokens: float = 512.0  # per request waiting on the server (scraped)
+    running_tokens: float = 16.0  # per request running on the server (scraped)
+    kv_tokens: float = 512.0  # at a full KV cache (scraped usage 1.0), in proportion below
+    inflight_tokens: float = 128.0  # per request in flight from this replica (local load)
+    load_bound: float = 1.5  # an upstream over this × the mean in-flight per weight gets no affinity; 0: off
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
     name: str
@@ -87,6 +105,10 @@ class ModelRoute:
     max_connections: tuple[int, ...] = ()  # requests in flight per upstream, default 0 = no limit
     health_check: HealthCheck | None = None
     caller_jwt: CallerJwt | None = None
+    routing: str = "prefix_affinity"  # one of ROUTING_POLICIES
+    prefix_affinity: PrefixAffinity = field(default_factory=PrefixAffinity)
+    metrics_path: str | None = None  # the servers' Prometheus page, scraped for their own load
+    load_poll_interval: float = 0.5
 
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
@@ -396,7 +418,8 @@ def _models(raw: Any, default_timeouts: Timeouts) -> dict[str, ModelRoute]:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{name}: a model id must be a non-empty string")
         spec = _mapping(spec, name)
-        _known(spec, {"upstreams", "timeouts", "api_key", "health_check", "caller_jwt"}, name)
+        _known(spec, {"upstreams", "timeouts", "api_key", "health_check", "caller_jwt", "routing", "prefix_affinity",
+                      "metrics_path", "load_poll_interval"}, name)  # fmt: skip
         ups = spec.get("upstreams")
         if not isinstance(ups, list) or not ups:
             raise ConfigError(f"{name}.upstreams: expected a non-empty list of URLs")
@@ -423,8 +446,45 @@ def _models(raw: Any, default_timeouts: Timeouts) -> dict[str, ModelRoute]:
             max_connections=tuple(limits),
             health_check=_health_check(check, f"{name}.health_check") if check is not None else None,
             caller_jwt=_caller_jwt(spec["caller_jwt"], f"{name}.caller_jwt") if spec.get("caller_jwt") else None,
+            **_routing(spec, name),
         )
     return routes
+
+
+def _routing(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """`routing`, `prefix_affinity`, `metrics_path` and `load_poll_interval` of one model."""
+    routing = spec.get("routing", "prefix_affinity")
+    if routing not in ROUTING_POLICIES:
+        raise ConfigError(f"{name}.routing: expected one of {', '.join(ROUTING_POLICIES)}, got {routing!r}")
+    where = f"{name}.prefix_affinity"
+    section = _mapping(spec.get("prefix_affinity"), where)
+    default = PrefixAffinity()
+    _known(section, {f.name for f in fields(PrefixAffinity)}, where)
+    affinity = PrefixAffinity(
+        max_blocks=_int(section.get("max_blocks", default.max_blocks), f"{where}.max_blocks", minimum=1),
+        index_blocks=_int(section.get("index_blocks", default.index_blocks), f"{where}.index_blocks", minimum=1),
+        **{
+            key: _float(section.get(key, getattr(default, key)), f"{where}.{key}", positive=False)
+            for key in ("waiting_tokens", "running_tokens", "kv_tokens", "inflight_tokens", "load_bound")
+        },
+    )
+    for key in ("waiting_tokens", "running_tokens", "kv_tokens", "inflight_tokens", "load_bound"):
+        if getattr(affinity, key) == float("inf"):
+            raise ConfigError(f"{where}.{key}: must be a finite number")
+    if affinity.max_blocks > 4096:
+        raise ConfigError(f"{where}.max_blocks: at most 4096, got {affinity.max_blocks}")
+    if 0 < affinity.load_bound < 1:
+        raise ConfigError(f"{where}.load_bound: 0 (off) or at least 1, got {affinity.load_bound}")
+    metrics_path = spec.get("metrics_path")
+    if metrics_path is not None:
+        metrics_path = _str(metrics_path, f"{name}.metrics_path")
+        if not metrics_path.startswith("/"):
+            raise ConfigError(f"{name}.metrics_path: must start with /, got {metrics_path!r}")
+    interval = _float(spec.get("load_poll_interval", 0.5), f"{name}.load_poll_interval")
+    if interval < 0.05:
+        raise ConfigError(f"{name}.load_poll_interval: at least 0.05 s, got {interval}")
+    return {"routing": routing, "prefix_affinity": affinity, "metrics_path": metrics_path,
+            "load_poll_interval": interval}  # fmt: skip
 
 
 def _caller_jwt(raw: Any, name: str) -> CallerJwt:

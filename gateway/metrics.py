@@ -50,6 +50,9 @@ class Metrics:
                                     multiprocess_mode="livemax")  # fmt: skip
         self.upstream_healthy = Gauge("liutong_upstream_healthy", "1 while an upstream is in rotation.",
                                       ["model", "upstream"], registry=r, multiprocess_mode="livemin")  # fmt: skip
+        self.upstream_load_source = Gauge("liutong_upstream_load_source",
+                                          "1 while routing uses the upstream's scraped load, 0 for local load.",
+                                          ["model", "upstream"], registry=r, multiprocess_mode="livemin")  # fmt: skip
         self.usage_pending = Gauge("liutong_usage_spool_records",
                                    "Usage records waiting to be written to the store.", registry=r,
                                    multiprocess_mode="livesum")  # fmt: skip

@@ -60,7 +60,7 @@ class AppState:
         """A reloaded config: new requests see the new models, upstreams, timeouts and limits;
         requests in flight finish on the pool they started with."""
         self.settings = settings
-        self.pools = build_pools(settings.models, self.clock)
+        self.pools = build_pools(settings.models, self.clock, self.pools)
         self.metrics.set_models(settings.models)
 
     async def plan_for(self, record: KeyRecord) -> Plan:

@@ -41,6 +41,7 @@ from gateway.state import EXCHANGE, STATE, AppState, Exchange
 from gateway.upstream.caller_jwt import caller_header
 from gateway.upstream.client import UpstreamBroken, UpstreamConnectError, UpstreamResponse
 from gateway.upstream.pool import Pool, Upstream
+from gateway.upstream.prefix_index import PromptBlocks
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus what the gateway sets itself or must never forward.
 _NOT_FORWARDED = frozenset((
@@ -180,7 +181,13 @@ class _Attempt:
 
 
 async def _open_upstream(
-    state: AppState, pool: Pool, model: str, body: bytes, headers: CIMultiDict[str], attempt: _Attempt
+    state: AppState,
+    pool: Pool,
+    model: str,
+    body: bytes,
+    headers: CIMultiDict[str],
+    attempt: _Attempt,
+    prompt: PromptBlocks | None = None,
 ) -> UpstreamResponse:
     """POST to the pool until one upstream answers; the response (headers read).
 
@@ -191,7 +198,7 @@ async def _open_upstream(
     connect_timeout = pool.route.timeouts.connect
     tried: list[Upstream] = []
     while True:
-        upstream = pool.pick(avoid=tried)
+        upstream = pool.pick(avoid=tried, prompt=prompt)
         tried.append(upstream)
         attempt.take(upstream)
         can_retry = len(tried) <= state.settings.upstream_retries and len(tried) < len(pool.upstreams)
@@ -253,7 +260,10 @@ async def _forward(
             headers[name] = token
         try:
             watch.reading(timeouts.first_byte)
-            upstream_response = await _open_upstream(state, pool, chat.model, upstream_body(raw, chat), headers, attempt)
+            prompt = pool.prompt_of(chat.body["messages"])  # the prompt's blocks, when the routing needs them
+            upstream_response = await _open_upstream(
+                state, pool, chat.model, upstream_body(raw, chat), headers, attempt, prompt
+            )
             watch.writing()
         except asyncio.CancelledError:
             if not watch.expired_now():

@@ -1,8 +1,8 @@
 """Upstream pools: which model server gets the next request, and which are out of rotation.
 
-Balancing is weighted least-outstanding-requests: the upstream with the fewest requests in
-flight per unit of weight wins; ties go to the one that has served the fewest requests per unit
-of weight, so that idle traffic is spread in proportion to the weights. An upstream leaves the rotation when
+The model's routing policy (`policies.py`: `prefix_affinity` by default, `least_outstanding`,
+`round_robin`) chooses among the upstreams in rotation, below their connection limit and not
+yet tried by the request. An upstream leaves the rotation when
 - passive outlier ejection (Envoy's defaults) sees 5 consecutive failures (refused, reset,
   timed out or 5xx): out for 30 s, then it gets requests again as a probe, and one success
   brings it fully back;
@@ -26,6 +26,9 @@ import structlog
 from gateway.config import ModelRoute
 from gateway.errors import NoHealthyUpstream
 from gateway.upstream.client import Target
+from gateway.upstream.load import LoadSample
+from gateway.upstream.policies import Policy, PrefixAffinity, make_policy, upstream_seed
+from gateway.upstream.prefix_index import PrefixIndex, PromptBlocks, prompt_blocks
 
 EJECT_AFTER_FAILURES = 5
 EJECT_SECONDS = 30.0
@@ -46,6 +49,10 @@ class Upstream:
     checks_failed: int = 0
     checks_passed: int = 0
     check_healthy: bool = True  # the active health check's verdict
+    seed: int = 0  # rendezvous hashing seed of `root`
+    rr_current: int = 0  # smooth weighted round robin's running weight
+    load: LoadSample | None = None  # the server's own load, last scraped (`load.py`)
+    load_logged_at: float = -1e18  # the last scrape failure logged
 
     def available(self, now: float) -> bool:
         return self.check_healthy and self.ejected_until <= now
@@ -55,37 +62,57 @@ class Upstream:
 
 
 class Pool:
-    def __init__(self, route: ModelRoute, clock: Callable[[], float]) -> None:
+    def __init__(self, route: ModelRoute, clock: Callable[[], float], previous: Pool | None = None) -> None:
         self.route = route
         weights = route.weights or (1,) * len(route.upstreams)
         limits = route.max_connections or (0,) * len(route.upstreams)
         self.upstreams = [
-            Upstream(root, Target(root + "/v1/chat/completions"), weight, limit)
+            Upstream(root, Target(root + "/v1/chat/completions"), weight, limit, seed=upstream_seed(root))
             for root, weight, limit in zip(route.upstreams, weights, limits, strict=True)
         ]
         self._clock = clock
         self._next = 0
+        # What each upstream was sent survives a reload (SIGHUP) for the upstreams that stay.
+        kept = previous.indexes if previous is not None else {}
+        capacity = route.prefix_affinity.index_blocks
+        self.indexes: dict[str, PrefixIndex] = {}
+        for root in route.upstreams:
+            index = kept.get(root)
+            if index is None:
+                index = PrefixIndex(capacity)
+            index.resize(capacity)
+            self.indexes[root] = index
+        self.policy: Policy = make_policy(route, self.indexes)
 
-    def pick(self, avoid: list[Upstream] | tuple[Upstream, ...] = ()) -> Upstream:
+    def clock(self) -> float:
+        return self._clock()
+
+    def prompt_of(self, messages: object) -> PromptBlocks | None:
+        """The request's prompt blocks when the policy routes on them (None otherwise: no work)."""
+        if not isinstance(self.policy, PrefixAffinity) or not isinstance(messages, list):
+            return None
+        return prompt_blocks(messages, self.route.prefix_affinity.max_blocks)
+
+    def pick(self, avoid: list[Upstream] | tuple[Upstream, ...] = (), prompt: PromptBlocks | None = None) -> Upstream:
         """The next upstream for a request, skipping ejected and full ones and those in `avoid`."""
         now = self._clock()
         count = len(self.upstreams)
-        best: Upstream | None = None
-        best_load = (0.0, 0.0)
+        candidates = []
         for step in range(count):
             upstream = self.upstreams[(self._next + step) % count]
             if upstream in avoid or not upstream.available(now) or upstream.full():
                 continue
-            load = (upstream.outstanding / upstream.weight, upstream.served / upstream.weight)
-            if best is None or load < best_load:
-                best, best_load = upstream, load
-        if best is None:
-            candidates = [u for u in self.upstreams if u not in avoid and not u.full()]
-            if not candidates:
+            candidates.append(upstream)
+        if candidates:
+            best = self.policy.choose(self, candidates, prompt, now)
+        else:
+            fallback = [u for u in self.upstreams if u not in avoid and not u.full()]
+            if not fallback:
                 raise NoHealthyUpstream(f"Every upstream of {self.route.name} is at its connection limit.")
-            best = min(candidates, key=lambda u: u.ejected_until)
+            best = min(fallback, key=lambda u: u.ejected_until)
         self._next = (self.upstreams.index(best) + 1) % count
         best.served += 1
+        self.policy.sent(best, prompt)
         return best
 
     def healthy(self) -> bool:
@@ -120,8 +147,12 @@ class Pool:
                 log.error("upstream_unhealthy", model=self.route.name, upstream=upstream.root)
 
 
-def build_pools(models: Mapping[str, ModelRoute], clock: Callable[[], float]) -> dict[str, Pool]:
-    return {name: Pool(route, clock) for name, route in models.items()}
+def build_pools(
+    models: Mapping[str, ModelRoute], clock: Callable[[], float], previous: Mapping[str, Pool] | None = None
+) -> dict[str, Pool]:
+    """A pool per model; `previous` (the pools before a reload) lends its prefix indexes."""
+    previous = previous or {}
+    return {name: Pool(route, clock, previous.get(name)) for name, route in models.items()}
 
 
 async def run_health_checks(pools: Callable[[], Mapping[str, Pool]], session: aiohttp.ClientSession) -> None:
