@@ -71,7 +71,9 @@ def test_prompts_of_any_shape_hash_in_bounded_time_and_memory():
     assert prompt_blocks([{"role": "user", "content": "too short"}], 128) is None
     assert prompt_blocks([], 128) is None
     assert prompt_blocks(["junk", {"role": 5, "content": {"x": 1}}, None], 128) is None
-    parts = [{"role": "user", "content": [{"type": "text", "text": "字 " * 40}, {"type": "image_url", "image_url": {}}]}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "字 " * 40}, {"type": "image_url", "image_url": {}}]}
+    ]
     assert len(prompt_blocks(parts, 128).ids) == 2  # type: ignore[union-attr]
     assert prompt_blocks([{"role": "user", "content": "\ud800 " * 40}], 128) is not None  # lone surrogate
     one_word = [{"role": "user", "content": "x" * 1_000_000}]
