@@ -88,8 +88,9 @@ class Pool:
         return self._clock()
 
     def prompt_of(self, messages: object) -> PromptBlocks | None:
-        """The request's prompt blocks when the policy routes on them (None otherwise: no work)."""
-        if not isinstance(self.policy, PrefixAffinity) or not isinstance(messages, list):
+        """The request's prompt blocks when the policy routes on them (None otherwise: no work,
+        e.g. for a model with one upstream)."""
+        if len(self.upstreams) < 2 or not isinstance(self.policy, PrefixAffinity) or not isinstance(messages, list):
             return None
         return prompt_blocks(messages, self.route.prefix_affinity.max_blocks)
 
