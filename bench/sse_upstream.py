@@ -36,7 +36,7 @@ import httptools
 import orjson
 import uvloop
 
-from gateway.mock.server import DEFAULT_TOKENS, MAX_TOKENS_HEADER
+from gateway.mock.requests import DEFAULT_TOKENS, MAX_TOKENS_HEADER
 from gateway.mock.text import estimate_prompt_tokens, generate_tokens
 
 MAX_BODY = 64 * 1024 * 1024
