@@ -25,7 +25,8 @@ when there is none, counting, outlier ejection). Every policy honours the weight
   (tokens/s) for seconds. Ties go to the higher rendezvous rank, so idle replicas agree.
   Bounded load (`load_bound` c, Mirrokni et al. 2018): a candidate with more than
   ceil(c × (in flight + 1) × weight / total weight) of this replica's requests in flight loses
-  its affinity (it is chosen only by load), so that no queue grows while others have room.
+  its affinity (it competes on load alone, and the home is the next in rendezvous rank, the same
+  spill-over on every replica), so that no queue grows while others have room.
   A prompt without a full block has nothing to reuse: least outstanding picks for it.
 """
 
