@@ -7,7 +7,7 @@ import dataclasses
 import time
 import tracemalloc
 
-from gateway.config import ModelRoute, PrefixAffinity, Timeouts
+from gateway.config import HealthCheck, ModelRoute, PrefixAffinity, Timeouts
 from gateway.upstream.blocks import BLOCK_TOKENS, message_block_hashes
 from gateway.upstream.load import LoadSample
 from gateway.upstream.pool import EJECT_AFTER_FAILURES, EJECT_SECONDS, Pool, build_pools
@@ -284,3 +284,17 @@ def test_a_reload_keeps_what_each_remaining_upstream_was_sent():
     assert len(new["m"].indexes[ROOTS[0]]) == (5 if sent_to == ROOTS[0] else 0)
     assert len(new["m"].indexes[ROOTS[2]]) == 0
     assert ROOTS[1] not in new["m"].indexes
+
+
+def test_an_upstream_failing_its_health_checks_loses_its_conversations_until_it_passes():
+    clock = FakeClock()
+    r = dataclasses.replace(route(), health_check=HealthCheck(unhealthy_after=1, healthy_after=1))
+    pool = Pool(r, clock)
+    before = _homes(pool, 100)
+    sick = pool.upstreams[2]
+    pool.checked(sick, ok=False)
+    during = _homes(pool, 100)
+    assert sick.root not in during.values()
+    assert all(during[c] == before[c] for c in before if before[c] != sick.root)
+    pool.checked(sick, ok=True)
+    assert _homes(pool, 100) == before

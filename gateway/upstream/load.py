@@ -144,18 +144,22 @@ async def run_load_polls(pools: Callable[[], Mapping[str, Pool]], session: aioht
         while True:
             now = loop.time()
             tick = 0.25
+            live: set[int] = set()
             for pool in pools().values():
                 if pool.route.metrics_path is None:
                     continue
                 tick = min(tick, pool.route.load_poll_interval)
                 for upstream in pool.upstreams:
                     key = id(upstream)
+                    live.add(key)
                     if due.get(key, 0.0) > now or key in running:
                         continue
                     due[key] = now + pool.route.load_poll_interval
                     task = loop.create_task(scrape(pool, upstream, session))
                     running[key] = task
                     task.add_done_callback(lambda _, key=key: running.pop(key, None))  # type: ignore[misc]
+            if len(due) > 2 * len(live):  # upstreams of pools replaced by a reload
+                due = {key: due[key] for key in live if key in due}
             await asyncio.sleep(tick)
     finally:
         for task in running.values():
