@@ -86,7 +86,7 @@ class PrefixAffinity:
     is 16 tokens, and one unit of load costs the tokens below."""
 
     max_blocks: int = 128  # blocks of a prompt hashed (16 words each): the first 2,048 words
-    index_blocks: int = 32_768  # block ids remembered per upstream (LRU)
+    index_blocks: int = 16_384  # block ids remembered per upstream (LRU; ~124 bytes each, 2 MiB)
     waiting_tokens: float = 512.0  # per request waiting on the server (scraped)
     running_tokens: float = 16.0  # per request running on the server (scraped)
     kv_tokens: float = 512.0  # at a full KV cache (scraped usage 1.0), in proportion below
