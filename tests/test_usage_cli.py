@@ -14,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,8 +26,14 @@ from gateway.usage.records import FIELDS, Settlement, UsageRecord
 from gateway.usage.writer import UsageWriter
 from tests.test_cli import clean_env, ok, run_cli
 
-T0 = datetime(2026, 11, 20, 0, 0, tzinfo=UTC).timestamp()  # records span 2026-11-20 … 2026-11-22
+# Records span three days that ended a week ago, whatever today is: a fixed date would leave the
+# --slack window of the export tests behind as the calendar moves on.
+T0 = (datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=10)).timestamp()
 HOUR = 3600.0
+
+
+def utc_day(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d")
 
 
 def iso(epoch: float) -> str:
@@ -158,8 +164,8 @@ async def test_summary_agrees_with_the_records(redis_url: str, records: list[Usa
     table = ok(run_cli("usage", "summary", "--since", iso(since), "--until", iso(until), "--org", "acme",
                        redis_url=redis_url)).stdout.splitlines()  # fmt: skip
     assert table[1].split() == ["SCOPE", "NAME", "PERIOD", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL"]
-    assert [line.split()[:3] for line in table[2:]] == [["org", "acme", d] for d in
-                                                        ("2026-11-20", "2026-11-21", "2026-11-22")]  # fmt: skip
+    assert [line.split()[:3] for line in table[2:]] == [["org", "acme", utc_day(T0 + d * 24 * HOUR)] for d in
+                                                        range(3)]  # fmt: skip
     empty = ok(run_cli("usage", "summary", redis_url=redis_url)).stdout  # default: today, none yet
     assert "no usage" in empty
 
