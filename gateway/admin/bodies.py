@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -13,8 +14,10 @@ from gateway.errors import BadRequest, UnsupportedMediaType
 from gateway.keys.orgs import valid_org
 
 MAX_INT = 10**12
-_AGE = re.compile(r"(\d+)([smhd])")
+_AGE = re.compile(r"([0-9]{1,12})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")  # Unix seconds: plain digits, no sign, no exponent
+MAX_INSTANT = 253402300799  # 9999-12-31T23:59:59Z
 
 
 async def read_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -48,8 +51,12 @@ def name(value: Any, param: str) -> str:
 
 
 def org(value: Any, param: str) -> str | None:
-    if value is None:
-        return None
+    """An org name, or None (no org)."""
+    return None if value is None else org_name(value, param)
+
+
+def org_name(value: Any, param: str) -> str:
+    """An org name, which must be given (null is refused)."""
     if not isinstance(value, str) or not valid_org(value):
         raise BadRequest(f"`{param}` must be 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit.",
                          param=param)  # fmt: skip
@@ -78,7 +85,7 @@ def models(value: Any, param: str) -> tuple[str, ...]:
 
 
 def seconds(value: Any, param: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise BadRequest(f"`{param}` must be a number of seconds.", param=param)
     if value < 0 or (value == 0 and not allow_zero) or value > 100 * 365 * 86400:
         raise BadRequest(f"`{param}` must be a {'non-negative' if allow_zero else 'positive'} number of seconds.",
@@ -108,19 +115,27 @@ ORG_UPDATE_FIELDS = ("rpm", "tpm")
 
 
 def instant(text: str, param: str, now: float) -> float:
-    """ISO 8601 (`2026-11-25T10:00:00Z`; no zone = UTC), Unix seconds, or an age (`90m`, `7d`)."""
-    age = _AGE.fullmatch(text.strip())
+    """ISO 8601 (`2026-11-25T10:00:00Z`; no zone = UTC), Unix seconds, or an age (`90m`, `7d`),
+    from 1970 to the end of 9999 (what the aggregates' UTC period names can spell)."""
+    value = _instant(text.strip(), now)
+    if value is None:
+        raise BadRequest(f"`{param}` must be ISO 8601 (2026-11-25T10:00:00Z), Unix seconds or an age "
+                         "(90m, 2h, 7d).", param=param)  # fmt: skip
+    if not 0 <= value <= MAX_INSTANT:  # also refuses NaN
+        raise BadRequest(f"`{param}` must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z.", param=param)
+    return value
+
+
+def _instant(text: str, now: float) -> float | None:
+    age = _AGE.fullmatch(text)
     if age:
         return now - int(age.group(1)) * _UNITS[age.group(2)]
-    try:
+    if _SECONDS.fullmatch(text):
         return float(text)
-    except ValueError:
-        pass
     try:
-        parsed = datetime.fromisoformat(text.strip())
+        parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise BadRequest(f"`{param}` must be ISO 8601 (2026-11-25T10:00:00Z), Unix seconds or an age "
-                         "(90m, 2h, 7d).", param=param) from None  # fmt: skip
+        return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()

@@ -138,6 +138,7 @@ _ERRORS = {
     "404": "No such key or org.",
     "409": "Conflict: the org exists already, or the key is revoked or rotated.",
     "415": "The body is not `application/json`.",
+    "503": "The store (Redis) or the JWKS endpoint does not answer; try again shortly.",
 }
 
 
@@ -158,7 +159,7 @@ def _operation(op_id: str, summary: str, role: str, ok: tuple[str, str, str], *,
         "summary": summary,
         "description": f"Needs the `{role}` role.",
         "x-required-role": role,
-        "responses": {status: _ok(schema, description), **{e: _error(e) for e in ("401", "403", *errors)}},
+        "responses": {status: _ok(schema, description), **{e: _error(e) for e in ("401", "403", *errors, "503")}},
     }
     if parameters:
         operation["parameters"] = parameters

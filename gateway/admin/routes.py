@@ -20,11 +20,12 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.admin import bodies
 from gateway.admin.openapi import document
 from gateway.admin.verifier import ADMIN, VIEWER, JwtVerifier, Principal
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, StoreUnavailable
 from gateway.keys.orgs import OrgExists, OrgNotFound, OrgService
 from gateway.keys.records import KeyNotFound, KeyRecord, KeyRevoked
 from gateway.state import EXCHANGE, AppState
@@ -213,8 +214,7 @@ async def create_org(request: web.Request) -> web.Response:
     bodies.only(body, bodies.ORG_CREATE_FIELDS)
     if "org" not in body:
         raise BadRequest("`org` is required.", param="org")
-    org = bodies.org(body["org"], "org")
-    assert org is not None
+    org = bodies.org_name(body["org"], "org")
     try:
         record = await _orgs(request).create(
             org, rpm=bodies.limit(body.get("rpm"), "rpm"), tpm=bodies.limit(body.get("tpm"), "tpm")
@@ -350,7 +350,10 @@ def _guarded(role: str, handler: Handler) -> Handler:
         if role == ADMIN and not principal.can_write:
             raise Forbidden("This route changes state and needs the admin role; this token grants viewer only.")
         request[PRINCIPAL] = principal
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (RedisError, OSError):
+            raise StoreUnavailable("The key store is unreachable; try again shortly.") from None
 
     return guarded
 
