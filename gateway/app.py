@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway.admin.routes import setup_admin
 from gateway.api.chat import chat_completions
+from gateway.api.openapi import openapi_handler
 from gateway.config import Settings
 from gateway.errors import (
     BodyTooLarge,
@@ -339,6 +340,7 @@ def create_app(settings: Settings, *, store: Store | None = None, clock: Callabl
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi_handler)
     if settings.admin_listen is None:
         app.router.add_get("/metrics", metrics_handler)
         setup_admin(app, state)

@@ -260,7 +260,7 @@ async def test_usage(admin: tuple[AdminClient, Gateway], http: aiohttp.ClientSes
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 7200))
     window = await api("GET", f"/admin/usage?org=acme&since={int(now) - 60}&until={iso}", 200)
     assert window["totals"]["requests"] == 4
-    past = await api("GET", "/admin/usage?org=acme&since=2020-01-01T00:00:00Z&until=2020-01-02T00:00:00", 200)
+    past = await api("GET", "/admin/usage?org=acme&since=2020-01-01T00:00:00Z&until=2020-01-02T00:00:00Z", 200)
     assert past["totals"]["requests"] == 0 and past["data"] == []
     assert past["since"] == "2020-01-01T00:00:00Z" and past["until"] == "2020-01-02T00:00:00Z"
     for query, param in (("", "key_id"), (f"key_id={a['key_id']}&org=acme", "key_id"), ("org=acme&granularity=week",

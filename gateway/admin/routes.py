@@ -20,11 +20,12 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.admin import bodies
-from gateway.admin.openapi import document
+from gateway.admin.openapi import MAX_PAGE, MAX_USAGE_BUCKETS, document
 from gateway.admin.verifier import ADMIN, VIEWER, JwtVerifier, Principal
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, StoreUnavailable
 from gateway.keys.orgs import OrgExists, OrgNotFound, OrgService
 from gateway.keys.records import KeyNotFound, KeyRecord, KeyRevoked
 from gateway.state import EXCHANGE, AppState
@@ -33,9 +34,6 @@ from gateway.store import names
 log = structlog.get_logger("liutong.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-MAX_PAGE = 1000
-MAX_USAGE_BUCKETS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +53,8 @@ def _json(status: int, payload: object, *, secret: bool = False) -> web.Response
     return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers)
 
 
-def _not_found(message: str, code: str) -> NotFound:
-    err = NotFound(message)
+def _not_found(message: str, code: str, param: str | None = None) -> NotFound:
+    err = NotFound(message, param=param)
     err.code = code
     return err
 
@@ -83,22 +81,21 @@ async def _key(request: web.Request) -> KeyRecord:
 
 async def list_keys(request: web.Request) -> web.Response:
     query = request.query
-    for name in query:
-        if name not in ("org", "name", "limit", "after"):
-            raise BadRequest(f"Unknown query parameter `{name}`.", param=name)
-    try:
-        limit = int(query.get("limit", "100"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_PAGE:
-        raise BadRequest(f"`limit` must be a whole number from 1 to {MAX_PAGE}.", param="limit")
-    records = await _state(request).keys.list(org=query.get("org"), name=query.get("name"))
+    for param in query:
+        if param not in ("org", "name", "limit", "after"):
+            raise BadRequest(f"Unknown query parameter `{param}`.", param=param)
+    limit = bodies.page_size(query.get("limit", "100"), "limit", MAX_PAGE)
+    org = bodies.org_name(query["org"], "org") if "org" in query else None
+    name = bodies.name(query["name"], "name") if "name" in query else None
+    after = bodies.key_id(query["after"], "after") if "after" in query else None
+    records = await _state(request).keys.list(org=org, name=name)
     start = 0
-    if "after" in query:
+    if after is not None:
         ids = [r.key_id for r in records]
-        if query["after"] not in ids:
-            raise BadRequest("`after` must be a key_id from the previous page of this listing.", param="after")
-        start = ids.index(query["after"]) + 1
+        if after not in ids:
+            raise _not_found(f"`after`: no key {after!r} in this listing; pass the previous page's `last_id`.",
+                             "key_not_found", "after")  # fmt: skip
+        start = ids.index(after) + 1
     page = records[start : start + limit]
     return _json(200, {
         "object": "list",
@@ -213,8 +210,7 @@ async def create_org(request: web.Request) -> web.Response:
     bodies.only(body, bodies.ORG_CREATE_FIELDS)
     if "org" not in body:
         raise BadRequest("`org` is required.", param="org")
-    org = bodies.org(body["org"], "org")
-    assert org is not None
+    org = bodies.org_name(body["org"], "org")
     try:
         record = await _orgs(request).create(
             org, rpm=bodies.limit(body.get("rpm"), "rpm"), tpm=bodies.limit(body.get("tpm"), "tpm")
@@ -267,7 +263,10 @@ async def usage(request: web.Request) -> web.Response:
             raise BadRequest(f"Unknown query parameter `{name}`.", param=name)
     if ("key_id" in query) == ("org" in query):
         raise BadRequest("Give exactly one of `key_id` and `org`.", param="key_id")
-    scope, name = ("key", query["key_id"]) if "key_id" in query else ("org", query["org"])
+    if "key_id" in query:
+        scope, name = "key", bodies.key_id(query["key_id"], "key_id")
+    else:
+        scope, name = "org", bodies.org_name(query["org"], "org")
     granularity = query.get("granularity", "hour")
     if granularity not in ("hour", "day"):
         raise BadRequest("`granularity` must be `hour` or `day`.", param="granularity")
@@ -350,7 +349,10 @@ def _guarded(role: str, handler: Handler) -> Handler:
         if role == ADMIN and not principal.can_write:
             raise Forbidden("This route changes state and needs the admin role; this token grants viewer only.")
         request[PRINCIPAL] = principal
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (RedisError, OSError):
+            raise StoreUnavailable("The key store is unreachable; try again shortly.") from None
 
     return guarded
 

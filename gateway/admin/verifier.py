@@ -199,7 +199,7 @@ class JwtVerifier:
     async def _fetch(self) -> dict[str | None, _Jwk]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._fetch_timeout))
-        assert self._config.jwks_url is not None
+        assert self._config.jwks_url is not None  # type narrowing: only a JWKS verifier fetches
         async with self._session.get(self._config.jwks_url, headers={"Accept": "application/json"}) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")

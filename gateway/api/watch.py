@@ -23,7 +23,7 @@ class IdleWatch:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        assert task is not None
+        assert task is not None  # type narrowing: built inside a request handler's task
         self._task = task
         self._cancelling = task.cancelling()
         self._due: float | None = None

@@ -227,7 +227,7 @@ class _BoundedClusterPipeline(ClusterPipeline):
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = self.cluster_client
-        assert isinstance(client, _BoundedCluster)
+        assert isinstance(client, _BoundedCluster)  # type narrowing: open_cluster builds only these
         async with client.turn():
             try:
                 return await super().execute(raise_on_error, allow_redirections)
@@ -275,7 +275,7 @@ def _sentinel_master(target: RedisTarget, sentinel_timeout: float, **kwargs: Any
         **_tls_kwargs(target),
         **kwargs,
     )
-    assert isinstance(client, _SentinelMaster)
+    assert isinstance(client, _SentinelMaster)  # type narrowing: redis_class=_SentinelMaster above
     client.sentinel_manager = sentinel
     return client
 

@@ -28,7 +28,7 @@ class CallerSigner:
         if config.secret is not None:
             self._key: Any = config.secret.encode()
         else:
-            assert config.private_key is not None
+            assert config.private_key is not None  # type narrowing: config requires a secret or a key
             self._key = load_pem_private_key(config.private_key.encode(), password=None)
         self._headers = {"kid": config.key_id} if config.key_id else None
 

@@ -273,7 +273,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, head: bytes, body: bytes, loop: asyncio.AbstractEventLoop) -> UpstreamResponse:
-        assert self.transport is not None
+        assert self.transport is not None  # type narrowing: send() follows connection_made()
         response = self.response = UpstreamResponse(self, loop)
         self.transport.write(head + body)
         return response

@@ -178,7 +178,7 @@ async def run_health_checks(pools: Callable[[], Mapping[str, Pool]], session: ai
 
 async def _check(pool: Pool, upstream: Upstream, session: aiohttp.ClientSession) -> None:
     check = pool.route.health_check
-    assert check is not None
+    assert check is not None  # type narrowing: only pools with a health_check are checked
     try:
         timeout = aiohttp.ClientTimeout(total=check.timeout)
         async with session.get(upstream.root + check.path, timeout=timeout, allow_redirects=False) as resp:

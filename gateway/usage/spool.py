@@ -281,7 +281,7 @@ class FileSpool:
                 self._dirty_since = self._clock()
 
     def _write(self, data: bytes, count: int) -> None:
-        assert self._fd is not None
+        assert self._fd is not None  # type narrowing: callers run _ensure_open() first
         view, written = memoryview(data), 0
         try:
             while written < len(data):
