@@ -103,7 +103,7 @@ def parse_load(text: str) -> tuple[float, float, float]:
 async def scrape(pool: Pool, upstream: Upstream, session: aiohttp.ClientSession) -> None:
     """Read one upstream's page; on success its `load` is the new sample, on failure it stays."""
     route = pool.route
-    assert route.metrics_path is not None
+    assert route.metrics_path is not None  # type narrowing: only pools with a metrics_path are polled
     timeout = aiohttp.ClientTimeout(total=max(0.2, min(2.0, route.load_poll_interval * 2)))
     outstanding = upstream.outstanding
     try:
