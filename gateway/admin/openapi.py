@@ -70,6 +70,8 @@ _USAGE_COUNTS = {
     "completion_tokens": {"type": "integer"},
     "total_tokens": {"type": "integer"},
     "errors": {"type": "integer", "description": "Requests answered with a status ≥ 400."},
+    "cost_micros": {"type": "integer", "description": "Settled cost in micro-units of `currency` (never a float)."},
+    "unpriced": {"type": "integer", "description": "Requests of models without a price (counted as 0 in cost)."},
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -119,10 +121,11 @@ _SCHEMAS: dict[str, Any] = {
         "granularity": {"type": "string", "enum": ["hour", "day"]},
         "since": {"type": "string", "format": "date-time", "description": "Start of the first period covered."},
         "until": {"type": "string", "format": "date-time", "description": "End of the last period covered."},
+        "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code of `pricing.currency`."},
         "totals": _object(_USAGE_COUNTS, list(_USAGE_COUNTS)),
         "data": {"type": "array", "items": _object({"start": {"type": "string", "format": "date-time"},
                                                     **_USAGE_COUNTS}, ["start", *_USAGE_COUNTS])},
-    }, ["object", "key_id", "org", "granularity", "since", "until", "totals", "data"]),  # fmt: skip
+    }, ["object", "key_id", "org", "granularity", "since", "until", "currency", "totals", "data"]),  # fmt: skip
     "Principal": _object({
         "object": {"const": "admin"},
         "subject": _NULLABLE_STR,
