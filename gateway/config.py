@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.store.topology import parse_redis_url
+from gateway.usage.pricing import Pricing, PricingError, parse_pricing
 
 SEED_MODELS = ("crimson-falcon-4", "indigo-owl-4", "amber-phoenix-4")
 DEFAULT_SPOOL_PATH = "liutong-usage.spool"  # in the working directory (/var/lib/liutong in the image)
@@ -192,6 +193,8 @@ class Settings:
     usage_stream_maxlen: int = 10_000_000
     # Demo mode: no models configured → serve the seed models from the built-in mock upstream.
     demo: bool = False
+    # Prices per model (`pricing:`), in integer micro-units; see `usage/pricing.py`.
+    pricing: Pricing = field(default_factory=Pricing)
 
 
 # --- parsing helpers: each one names the field it reads -------------------------------------
@@ -563,6 +566,7 @@ _TOP_LEVEL = {
     "request_header_timeout", "max_header_bytes", "max_headers", "log_level",
     "usage_spool_path", "usage_spool_fsync", "usage_spool_fsync_interval", "usage_stream_maxlen",
     "admission_overlap",
+    "pricing",
 }  # fmt: skip
 
 # `LIUTONG_<NAME>` → (path in the YAML tree, parser of the string). Documented in the README.
@@ -731,7 +735,15 @@ def parse_settings(tree: Mapping[str, Any]) -> Settings:
         ),
         usage_stream_maxlen=_int(tree.get("usage_stream_maxlen", defaults.usage_stream_maxlen), "usage_stream_maxlen"),
         admission_overlap=_flag(tree.get("admission_overlap", defaults.admission_overlap), "admission_overlap"),
+        pricing=_pricing(tree.get("pricing")),
     )
+
+
+def _pricing(raw: Any) -> Pricing:
+    try:
+        return parse_pricing(raw)
+    except PricingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_settings(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -254,6 +254,8 @@ async def test_usage(admin: tuple[AdminClient, Gateway], http: aiohttp.ClientSes
     assert totals["requests"] == 3 and totals["errors"] == 0
     assert totals["total_tokens"] == totals["prompt_tokens"] + totals["completion_tokens"] > 0
     assert sum(bucket["requests"] for bucket in usage["data"]) == 3
+    # No pricing configured: no cost, every request counted as unpriced, the default currency.
+    assert (usage["currency"], totals["cost_micros"], totals["unpriced"]) == ("USD", 0, 3)
     org = await api("GET", "/admin/usage?org=acme&since=2h&granularity=day", 200)
     assert org["org"] == "acme" and org["totals"]["requests"] == 4 and len(org["data"]) in (1, 2)
     now = time.time()

@@ -21,8 +21,8 @@ import pytest
 
 from gateway.store import names
 from gateway.store.client import Store, open_store
-from gateway.usage.export import when
-from gateway.usage.records import FIELDS, Settlement, UsageRecord
+from gateway.usage.export import EXPORT_FIELDS, when
+from gateway.usage.records import Settlement, UsageRecord
 from gateway.usage.writer import UsageWriter
 from tests.test_cli import clean_env, ok, run_cli
 
@@ -92,7 +92,7 @@ async def test_export_jsonl_filters_by_started_at_key_and_org(redis_url: str, re
     want = selected(records, since, until)
     assert [r["request_id"] for r in lines] == [r.request_id for r in want]  # in write order
     first, rec = lines[0], want[0]
-    assert list(first) == list(FIELDS)
+    assert list(first) == list(EXPORT_FIELDS)
     assert first["total_tokens"] == rec.prompt_tokens + rec.completion_tokens
     assert first["stream"] is rec.stream and first["status"] == rec.status and first["org"] == rec.org
     assert first["started_at"].endswith("Z") and datetime.fromisoformat(first["started_at"]).timestamp() == round(
@@ -111,7 +111,7 @@ async def test_export_csv(redis_url: str, records: list[UsageRecord]) -> None:
     out = ok(run_cli("usage", "export", "--format", "csv", "--org", "acme", redis_url=redis_url)).stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     want = [r for r in records if r.org == "acme"]
-    assert out.splitlines()[0] == ",".join(FIELDS)
+    assert out.splitlines()[0] == ",".join(EXPORT_FIELDS)
     assert [r["request_id"] for r in rows] == [r.request_id for r in want]
     assert sum(int(r["completion_tokens"]) for r in rows) == sum(r.completion_tokens for r in want)
     assert {r["stream"] for r in rows} <= {"True", "False"}
@@ -163,9 +163,11 @@ async def test_summary_agrees_with_the_records(redis_url: str, records: list[Usa
     # The table.
     table = ok(run_cli("usage", "summary", "--since", iso(since), "--until", iso(until), "--org", "acme",
                        redis_url=redis_url)).stdout.splitlines()  # fmt: skip
-    assert table[1].split() == ["SCOPE", "NAME", "PERIOD", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL"]
-    assert [line.split()[:3] for line in table[2:]] == [["org", "acme", utc_day(T0 + d * 24 * HOUR)] for d in
-                                                        range(3)]  # fmt: skip
+    assert table[1].split() == ["SCOPE", "NAME", "PERIOD", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL", "COST"]
+    assert [line.split()[:3] for line in table[2:-1]] == [["org", "acme", utc_day(T0 + d * 24 * HOUR)] for d in
+                                                          range(3)]  # fmt: skip
+    # These records carry no price: cost 0, flagged.
+    assert all(line.split()[-1] == "0.00*" for line in table[2:-1]) and table[-1].startswith("* includes")
     empty = ok(run_cli("usage", "summary", redis_url=redis_url)).stdout  # default: today, none yet
     assert "no usage" in empty
 

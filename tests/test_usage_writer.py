@@ -208,11 +208,12 @@ async def test_aggregates_agree_with_the_records(store: Store) -> None:
             acc["prompt_tokens"] += rec.prompt_tokens
             acc["completion_tokens"] += rec.completion_tokens
             acc["errors"] += rec.status >= 400
+            acc["unpriced"] += rec.price_id == ""  # these records carry no price
     found = [k.decode() async for k in store.redis.scan_iter(match=names.usage_aggregate("*", "*", "*"))]
     assert sorted(found) == sorted(expected)
     for redis_key, acc in expected.items():
         raw = await store.redis.hgetall(redis_key)
-        columns = ("requests", "prompt_tokens", "completion_tokens", "errors")
+        columns = ("requests", "prompt_tokens", "completion_tokens", "errors", "unpriced")
         assert {k.decode(): int(v) for k, v in raw.items()} == {c: acc[c] for c in columns}
     # Each day's index names exactly the keys and orgs that had usage on it.
     for day in {r.periods()[1][2:] for r in stored}:

@@ -76,6 +76,8 @@ _USAGE_COUNTS = {
     "completion_tokens": _COUNT,
     "total_tokens": _COUNT,
     "errors": {**_COUNT, "description": "Requests answered with a status ≥ 400."},
+    "cost_micros": {**_COUNT, "description": "Settled cost in micro-units of `currency` (never a float)."},
+    "unpriced": {**_COUNT, "description": "Requests of models without a price (counted as 0 in cost)."},
 }
 _SECRET = {
     "key": {
@@ -145,6 +147,7 @@ _SCHEMAS: dict[str, Any] = {
             "granularity": {"type": "string", "enum": ["hour", "day"]},
             "since": {"type": "string", "format": "date-time", "description": "Start of the first period covered."},
             "until": {"type": "string", "format": "date-time", "description": "End of the last period covered."},
+            "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code of `pricing.currency`."},
             "totals": _object(_USAGE_COUNTS, list(_USAGE_COUNTS)),
             "data": {
                 "type": "array",
@@ -153,7 +156,7 @@ _SCHEMAS: dict[str, Any] = {
                 ),
             },
         },
-        ["object", "key_id", "org", "granularity", "since", "until", "totals", "data"],
+        ["object", "key_id", "org", "granularity", "since", "until", "currency", "totals", "data"],
     ),
     "Principal": _object(
         {

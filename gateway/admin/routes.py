@@ -252,7 +252,7 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-_USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors")
+_USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "cost_micros", "unpriced")
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -305,6 +305,7 @@ async def usage(request: web.Request) -> web.Response:
         "granularity": granularity,
         "since": _iso(start),
         "until": _iso(end),
+        "currency": _state(request).settings.pricing.currency,
         "totals": totals,
         "data": data,
     })  # fmt: skip

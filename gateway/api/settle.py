@@ -13,6 +13,7 @@ from gateway.api.sse import SSERelay
 from gateway.api.validation import ChatRequest
 from gateway.limits.buckets import Grant
 from gateway.state import AppState, Exchange
+from gateway.usage.pricing import cached_tokens
 from gateway.usage.records import Settlement, UsageRecord
 
 
@@ -69,6 +70,8 @@ def settle(
     keys, args = state.limiter.finish_call(grant, prompt + completion)
     record = None
     if reached:
+        cached = cached_tokens(usage) if source == "upstream" else 0
+        price = state.settings.pricing.price(chat.model, ex.started_wall)
         record = UsageRecord(
             request_id=ex.request_id,
             key_id=ex.key_id or "",
@@ -81,5 +84,9 @@ def settle(
             usage_source=source,
             started_at=ex.started_wall,
             duration_ms=int((time.perf_counter() - ex.started) * 1000),
+            cached_tokens=cached,
+            cost_micros=0 if price is None else price.cost(prompt, completion, cached),
+            currency="" if price is None else state.settings.pricing.currency,
+            price_id="" if price is None else price.price_id,
         )
     state.usage.submit(Settlement(keys, args, record))

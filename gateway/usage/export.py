@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from gateway.config import Settings
 from gateway.store import names
 from gateway.store.client import Store, lua_source, open_store
+from gateway.usage.pricing import money_text
 from gateway.usage.records import FIELDS, UsageRecord, day_index
 
 PAGE = 1000
@@ -39,7 +40,9 @@ SKEW = 300.0  # seconds: clock skew allowed between a gateway host and the store
 DEFAULT_SLACK = 86400.0
 _AGE = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens")
+_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_micros", "unpriced")
+# The exported columns: the record's fields, then its cost as decimal text of its currency.
+EXPORT_FIELDS = (*FIELDS, "cost")
 
 
 def when(text: str, *, now: float | None = None) -> float:
@@ -112,7 +115,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             since = args.since if args.since is not None else (now // 86400) * 86400
             until = args.until if args.until is not None else now
             rows = await summary(store, since=since, until=until, key=args.key, org=args.org, by=args.by)
-            _print_summary(rows, since, until, args.by, args.json)
+            _print_summary(rows, since, until, args.by, args.json, settings)
     except BrokenPipeError:  # `usage export | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (RedisError, OSError) as exc:
@@ -135,6 +138,9 @@ def record_dict(record: UsageRecord) -> dict[str, Any]:
         "completion_tokens": record.completion_tokens, "total_tokens": record.total_tokens,
         "usage_source": record.usage_source, "started_at": iso(record.started_at),
         "duration_ms": record.duration_ms, "record_id": record.record_id,
+        "cached_tokens": record.cached_tokens, "cost_micros": record.cost_micros,
+        "currency": record.currency or None, "price_id": record.price_id or None,
+        "cost": money_text(record.cost_micros),
     }  # fmt: skip
 
 
@@ -173,7 +179,7 @@ async def export(
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     if fmt == "csv":
-        writer.writerow(FIELDS)
+        writer.writerow(EXPORT_FIELDS)
         out.write(text.getvalue().encode())
     async for entries in scan(store, since=since, until=until, slack=slack):
         lines: list[bytes] = []
@@ -189,7 +195,7 @@ async def export(
                 continue
             row = record_dict(record)
             if fmt == "csv":
-                writer.writerow(["" if row[f] is None else row[f] for f in FIELDS])
+                writer.writerow(["" if row[f] is None else row[f] for f in EXPORT_FIELDS])
             else:
                 lines.append(orjson.dumps(row) + b"\n")
             count += 1
@@ -265,7 +271,8 @@ async def summary(
     for (scope, name, period), acc in sorted(totals.items()):
         if acc["requests"]:
             rows.append({"scope": scope, "name": name, "period": period, **acc,
-                         "total_tokens": acc["prompt_tokens"] + acc["completion_tokens"]})  # fmt: skip
+                         "total_tokens": acc["prompt_tokens"] + acc["completion_tokens"],
+                         "cost": money_text(acc["cost_micros"])})  # fmt: skip
     return rows
 
 
@@ -274,17 +281,24 @@ def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
         yield items[i : i + size]
 
 
-def _print_summary(rows: list[Row], since: float, until: float, by: str, as_json: bool) -> None:
+def _print_summary(
+    rows: list[Row], since: float, until: float, by: str, as_json: bool, settings: Settings | None = None
+) -> None:
     hours = _hours(since, until)
     start, end = iso(hours[0] * 3600, ms=False), iso((hours[-1] + 1) * 3600, ms=False)
+    pricing = settings.pricing if settings is not None else None
+    currency = pricing.currency if pricing is not None else None
+    # Models of the config that have no price: their requests count as 0 in `cost`.
+    unpriced_models = pricing.unpriced(settings.models) if pricing is not None and settings is not None else []
     if as_json:
-        sys.stdout.write(orjson.dumps({"since": start, "until": end, "by": by, "rows": rows}).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"since": start, "until": end, "by": by, "currency": currency,
+                                       "unpriced_models": unpriced_models, "rows": rows}).decode() + "\n")  # fmt: skip
         return
-    print(f"usage from {start} to {end} (whole UTC hours), by {by}")
-    header = ("SCOPE", "NAME", "PERIOD", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL")
+    print(f"usage from {start} to {end} (whole UTC hours), by {by}" + (f", cost in {currency}" if currency else ""))
+    header = ("SCOPE", "NAME", "PERIOD", "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL", "COST")
     table = [header] + [
         (r["scope"], r["name"], r["period"], str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
-         str(r["completion_tokens"]), str(r["total_tokens"]))
+         str(r["completion_tokens"]), str(r["total_tokens"]), r["cost"] + ("*" if r["unpriced"] else ""))
         for r in rows
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -293,3 +307,6 @@ def _print_summary(rows: list[Row], since: float, until: float, by: str, as_json
         print("  ".join(cells).rstrip())
     if not rows:
         print("(no usage in this period)")
+    if any(r["unpriced"] for r in rows):
+        models = f" ({', '.join(unpriced_models)} have none in the config)" if unpriced_models else ""
+        print(f"* includes requests of models without a price, counted as 0{models}")

@@ -23,6 +23,7 @@ from gateway.store import names
 FIELDS = (
     "request_id", "key_id", "org", "model", "status", "stream", "prompt_tokens", "completion_tokens",
     "total_tokens", "usage_source", "started_at", "duration_ms", "record_id",
+    "cached_tokens", "cost_micros", "currency", "price_id",
 )  # fmt: skip
 
 def new_record_id() -> str:
@@ -54,6 +55,12 @@ class UsageRecord:
     started_at: float  # epoch seconds
     duration_ms: int
     record_id: str = field(default_factory=new_record_id)
+    # Spend (see usage/pricing.py): prompt tokens the upstream served from its cache, the cost in
+    # integer micro-units of `currency`, and the price entry used ("" for a model without a price).
+    cached_tokens: int = 0
+    cost_micros: int = 0
+    currency: str = ""
+    price_id: str = ""
 
     @property
     def total_tokens(self) -> int:
@@ -74,6 +81,10 @@ class UsageRecord:
             "started_at", f"{self.started_at:.3f}",
             "duration_ms", str(self.duration_ms),
             "record_id", self.record_id,
+            "cached_tokens", str(self.cached_tokens),
+            "cost_micros", str(self.cost_micros),
+            "currency", self.currency,
+            "price_id", self.price_id,
         ]  # fmt: skip
 
     @classmethod
@@ -95,6 +106,10 @@ class UsageRecord:
             started_at=float(data["started_at"]),
             duration_ms=int(data["duration_ms"]),
             record_id=data.get("record_id") or "",
+            cached_tokens=int(data.get("cached_tokens") or 0),
+            cost_micros=int(data.get("cost_micros") or 0),
+            currency=data.get("currency") or "",
+            price_id=data.get("price_id") or "",
         )
 
     def to_json(self) -> bytes:
@@ -104,12 +119,15 @@ class UsageRecord:
             "status": self.status, "stream": self.stream, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "usage_source": self.usage_source,
             "started_at": self.started_at, "duration_ms": self.duration_ms, "record_id": self.record_id,
+            "cached_tokens": self.cached_tokens, "cost_micros": self.cost_micros, "currency": self.currency,
+            "price_id": self.price_id,
         })  # fmt: skip
 
     @classmethod
     def from_json(cls, payload: bytes) -> UsageRecord:
         data = orjson.loads(payload)
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        # A spool written before a field existed lacks it: the field's default then.
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
     def periods(self) -> tuple[str, str]:
         """The record's hour and day (UTC), as used in aggregate key names."""
