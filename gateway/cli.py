@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from gateway.config import ConfigError, Listen, Settings, load_settings
 from gateway.keys.orgs import OrgExists, OrgNotFound, OrgRecord, OrgService, valid_org
 from gateway.keys.records import KeyNotFound, KeyRecord, KeyRevoked, KeyService
+from gateway.sim import command as sim_command
 from gateway.store.client import open_store
 from gateway.store.topology import parse_redis_url
 from gateway.usage import export as usage_cli
@@ -107,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     mock = commands.add_parser("mock-upstream", help="run a fake Liutong model server")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=port, default=9001)
+
+    sim_command.add_parser(commands)
 
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -323,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_mock_upstream(args.host, args.port)
         return 0
+    if args.command == "sim-upstream":
+        return sim_command.run(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
