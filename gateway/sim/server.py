@@ -138,7 +138,7 @@ async def _stream(
             chunk["usage"] = None
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    assert sim.changed is not None  # set by the handler before submit
+    assert sim.changed is not None  # type narrowing: set by the handler before submit
     sent = 0
     while True:
         await sim.changed.wait()
